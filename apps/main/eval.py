@@ -1,0 +1,225 @@
+"""Validation of a model: loss per token and bits per byte on each source's *.val.jsonl.
+
+Every document is scored on its own (split into windows of seq_len when longer), so the
+numbers do not depend on packing. Runs in-process from training (`run_validation`) or from
+the command line on a checkpoint:
+
+    python -m apps.main.eval ckpt_dir=<dump_dir>/checkpoints/0000001000 dump_dir=<dump_dir>
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs
+from lingua.args import cli_main, from_dict
+from lingua.checkpoint import list_checkpoints, load_model_weights
+from lingua.data import VAL_GLOB, DataArgs, DataError, read_documents
+from lingua.logger import init_logger
+from lingua.metrics import MetricLogger
+from lingua.tokenizer import Tokenizer, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidationArgs:
+    max_steps: Optional[int] = None  # batches per source; None reads the whole val file
+    use_val_from_train_src: bool = True
+    root_dir: str = ""
+    sources: list[str] = field(default_factory=list)
+    batch_size: int = 8
+
+
+@dataclass
+class EvalArgs:
+    name: str = "evals"
+    dump_dir: Optional[str] = None  # defaults to the dump_dir that holds ckpt_dir
+    metric_log_dir: Optional[str] = None  # where metrics.validation.jsonl goes; defaults to dump_dir
+    ckpt_dir: str = ""
+    global_step: Optional[int] = None
+    validation: ValidationArgs = field(default_factory=ValidationArgs)
+    generator: Optional[dict] = None  # accepted for Meta Lingua configs; sampling is apps.main.generate
+    harness: Optional[dict] = None  # lm-eval tasks; not run by this command yet
+    wandb: Optional[dict] = None
+
+
+def _val_files(val: ValidationArgs, data: DataArgs) -> dict[str, Path]:
+    root = Path(val.root_dir or data.root_dir or "")
+    names = list(val.sources) or (list(data.sources) if val.use_val_from_train_src else [])
+    if not names:
+        raise DataError("eval: no validation sources (set validation.sources or train with data.sources)")
+    out = {}
+    for name in names:
+        files = sorted((root / name).glob(VAL_GLOB))
+        if not files:
+            raise DataError(f"eval: no {VAL_GLOB} in '{root / name}' (validation source '{name}')")
+        out[name] = files[0]
+    return out
+
+
+def _windows(tokens: list[int], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """(input, label) pieces covering every next-token prediction of the document once."""
+    pieces = []
+    for start in range(0, max(1, len(tokens) - 1), seq_len):
+        chunk = tokens[start : start + seq_len + 1]
+        if len(chunk) >= 2:
+            pieces.append((chunk[:-1], chunk[1:]))
+    return pieces
+
+
+@torch.no_grad()
+def validate_file(
+    model: LMTransformer,
+    tokenizer: Tokenizer,
+    path: Path,
+    seq_len: int,
+    batch_size: int,
+    max_steps: Optional[int],
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """Sums of NLL (nats), predicted tokens and UTF-8 bytes over this rank's documents."""
+    nll, n_tokens, n_bytes, n_docs, steps = 0.0, 0, 0, 0, 0
+    batch: list[tuple[list[int], list[int]]] = []
+
+    def flush():
+        nonlocal nll, n_tokens, steps
+        width = max(len(x) for x, _ in batch)
+        x = torch.zeros(len(batch), width, dtype=torch.long)
+        y = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (xi, yi) in enumerate(batch):
+            x[i, : len(xi)] = torch.tensor(xi)
+            y[i, : len(yi)] = torch.tensor(yi)
+        logits = model(x.to(device))
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        nll += loss.item()
+        n_tokens += int((y != IGNORE_INDEX).sum())
+        steps += 1
+        batch.clear()
+
+    for doc_idx, text in enumerate(read_documents(path)):
+        if doc_idx % world_size != rank:
+            continue
+        if max_steps is not None and steps >= max_steps:
+            break
+        tokens = tokenizer.encode(text, add_bos=True, add_eos=True)
+        n_bytes += len(text.encode("utf-8"))
+        n_docs += 1
+        for piece in _windows(tokens, seq_len):
+            batch.append(piece)
+            if len(batch) == batch_size:
+                flush()
+    if batch:
+        flush()
+    return {"nll": nll, "tokens": n_tokens, "bytes": n_bytes, "docs": n_docs}
+
+
+def run_validation(
+    model: LMTransformer,
+    tokenizer: Tokenizer,
+    val: ValidationArgs,
+    data: DataArgs,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """{source: {loss, bpb, tokens, bytes, docs}} reduced over ranks."""
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for name, path in _val_files(val, data).items():
+            sums = validate_file(
+                model, tokenizer, path, data.seq_len, val.batch_size, val.max_steps, device, rank, world_size
+            )
+            vec = torch.tensor([sums["nll"], sums["tokens"], sums["bytes"], sums["docs"]], dtype=torch.float64)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(vec)
+            nll, tokens, n_bytes, docs = vec.tolist()
+            results[name] = {
+                "loss": nll / max(tokens, 1),
+                "bpb": nll / math.log(2) / max(n_bytes, 1),
+                "tokens": int(tokens),
+                "bytes": int(n_bytes),
+                "docs": int(docs),
+            }
+    finally:
+        model.train(was_training)
+    return results
+
+
+def load_train_config(ckpt_dir: Path) -> dict:
+    params = ckpt_dir / "params.json"
+    if not params.exists():
+        raise FileNotFoundError(f"'{params}' not found: ckpt_dir must be a checkpoint saved by apps.main.train")
+    return json.loads(params.read_text())
+
+
+def load_model_from_checkpoint(ckpt_dir: Path, device: torch.device) -> tuple[LMTransformer, Tokenizer, dict]:
+    """Model with the checkpoint's weights, its tokenizer, and its training config."""
+    config = load_train_config(ckpt_dir)
+    model_args = from_dict(LMTransformerArgs, config["model"])
+    data_args = from_dict(DataArgs, config["data"])
+    tokenizer = build_tokenizer(data_args.tokenizer.name, data_args.tokenizer.path)
+    with torch.device(device):
+        model = LMTransformer(model_args)
+    load_model_weights(ckpt_dir, model)
+    model.eval()
+    return model, tokenizer, config
+
+
+def resolve_ckpt_dir(path: str) -> Path:
+    """A checkpoint dir, or a dump dir / checkpoints dir (its newest checkpoint)."""
+    p = Path(path)
+    if (p / "params.json").exists():
+        return p
+    for base in (p / "checkpoints", p):
+        found = list_checkpoints(base)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"no checkpoint found at ckpt_dir='{path}'")
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = cli_main(EvalArgs, argv)
+    from lingua.distributed import default_device, world_info
+
+    info = world_info()
+    init_logger(info.rank)
+    if not args.ckpt_dir:
+        raise SystemExit("config error: ckpt_dir is required (a checkpoint dir or a training dump_dir)")
+    if info.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = default_device(info.local_rank)
+    ckpt = resolve_ckpt_dir(args.ckpt_dir)
+    model, tokenizer, config = load_model_from_checkpoint(ckpt, device)
+    data_args = from_dict(DataArgs, config["data"])
+    results = run_validation(model, tokenizer, args.validation, data_args, device, info.rank, info.world_size)
+    step = args.global_step if args.global_step is not None else int(ckpt.name) if ckpt.name.isdigit() else None
+    out_dir = Path(args.metric_log_dir or args.dump_dir or ckpt.parent.parent)
+    if info.rank == 0:
+        with MetricLogger(out_dir / "metrics.validation.jsonl") as m:
+            m.log({"global_step": step, "checkpoint": str(ckpt), "val": results})
+        for name, r in results.items():
+            logger.info("%s: loss %.4f  bpb %.4f over %d docs", name, r["loss"], r["bpb"], r["docs"])
+        logger.info("validation metrics appended to %s", out_dir / "metrics.validation.jsonl")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

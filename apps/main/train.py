@@ -1,0 +1,252 @@
+"""The training loop of every app: data -> model -> AdamW with grad accumulation and
+clipping -> metrics, checkpoints, validation. Other apps reuse `train` by passing their own
+`build_model_fn`; they never copy this loop.
+
+    python -m apps.main.train config=apps/main/configs/debug.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from apps.main.eval import EvalArgs, run_validation
+from apps.main.transformer import LMTransformer, LMTransformerArgs, build_model
+from lingua.args import ConfigError, cli_main, dump_config, from_dict, to_dict
+from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_and_optim, load_model_weights
+from lingua.data import DataArgs, DataError, build_data_loader, source_files
+from lingua.distributed import DistributedArgs, EnvironmentArgs, default_device, set_cpu_threads, setup_env, world_info
+from lingua.logger import init_logger
+from lingua.metrics import LoggingArgs, MetricLogger, peak_flops
+from lingua.optim import OptimArgs, build_optimizer
+from lingua.profiling import ProfilerArgs, maybe_profile
+from lingua.tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainArgs:
+    name: str = "lingua"
+    dump_dir: str = ""
+    seed: int = 42
+    grad_acc_steps: int = 1
+    gc_collect_freq: int = 1000
+    probe_freq: Optional[int] = None  # accepted for Meta Lingua configs; probing is not implemented
+    steps: int = 1000
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    model: LMTransformerArgs = field(default_factory=LMTransformerArgs)
+    distributed: DistributedArgs = field(default_factory=DistributedArgs)
+    env: EnvironmentArgs = field(default_factory=EnvironmentArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    profiling: ProfilerArgs = field(default_factory=ProfilerArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    async_eval_gpus: Optional[int] = None
+    eval: Optional[dict[str, Any]] = None  # EvalArgs fields; run in-process every checkpoint.eval.every
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    data_loader: Optional[dict] = None
+    scheduler: Optional[dict] = None
+    tokens_seen: int = 0  # summed over ranks
+
+    def to_json(self) -> dict:
+        return {
+            "step": self.step,
+            "data_loader": self.data_loader,
+            "scheduler": self.scheduler,
+            "tokens_seen": self.tokens_seen,
+        }
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def validate_args(args: TrainArgs) -> Optional[EvalArgs]:
+    """Everything that can be checked before any work: fails with the key at fault."""
+    if not args.dump_dir:
+        raise ConfigError("dump_dir is required (e.g. dump_dir=./dump/debug)")
+    for key in ("steps", "grad_acc_steps", "logging.freq"):
+        obj = args
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {obj}")
+    if args.data.seq_len > args.model.max_seqlen:
+        raise ConfigError(f"data.seq_len={args.data.seq_len} exceeds model.max_seqlen={args.model.max_seqlen}")
+    if args.probe_freq:
+        logger.warning("probe_freq is set but probing is not implemented; ignoring it")
+    eval_args = from_dict(EvalArgs, args.eval) if args.eval is not None else None
+    world = world_info()
+    if world.world_size > 1:
+        raise ConfigError(
+            f"{world.world_size} processes launched ({world.launcher}), but multi-process training "
+            "(FSDP2 / TP via lingua.distributed.parallelize_model) is not in this build yet: run one process"
+        )
+    return eval_args
+
+
+def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch
+    return torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
+
+
+def train(args: TrainArgs, build_model_fn: Callable[[LMTransformerArgs], LMTransformer] = build_model) -> TrainState:
+    eval_args = validate_args(args)
+    source_files(args.data)  # data errors before any work, naming the source
+    tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
+    if args.model.vocab_size <= 0:
+        args.model.vocab_size = tokenizer.n_words
+    elif args.model.vocab_size < tokenizer.n_words:
+        raise ConfigError(f"model.vocab_size={args.model.vocab_size} < tokenizer n_words={tokenizer.n_words}")
+
+    world = world_info()
+    dump_dir = Path(args.dump_dir)
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    init_logger(world.rank, str(dump_dir / "train.log") if world.rank == 0 else None)
+    setup_env(args.env)
+    set_cpu_threads(world)
+    device = default_device(world.local_rank)
+    if world.rank == 0:
+        dump_config(args, dump_dir / "config.yaml")
+    torch.manual_seed(args.seed)
+
+    model = build_model_fn(args.model).to(device)
+    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
+    ckpt = CheckpointManager(args.checkpoint, dump_dir)
+    ckpt.remove_stale_tmp()
+    state = TrainState()
+    latest = ckpt.latest()
+    if latest is not None:
+        saved = ckpt.load(latest, model, optimizer, dp_rank=world.rank)
+        if saved is None:
+            raise FileNotFoundError(f"{latest} has no train state for data-parallel rank {world.rank}")
+        state = TrainState(**saved)
+        scheduler.load_state_dict(state.scheduler)
+        logger.info("resumed from %s at step %d", latest, state.step)
+    elif args.checkpoint.init_ckpt_path:
+        if args.checkpoint.continue_training_from_init:
+            load_model_and_optim(args.checkpoint.init_ckpt_path, model, optimizer)
+        else:
+            load_model_weights(args.checkpoint.init_ckpt_path, model)
+        logger.info("initialised from %s", args.checkpoint.init_ckpt_path)
+    if state.step >= args.steps:
+        logger.info("already at step %d >= steps=%d: nothing to do (checkpoints in %s)", state.step, args.steps, ckpt.path)
+        return state
+
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.flops_per_token(args.data.seq_len)
+    peak, peak_source = peak_flops(device)
+    logger.info("model: %.2fM parameters, %.1f MFLOP/token; MFU against %s (%.1f GFLOP/s)",
+                n_params / 1e6, flops_per_token / 1e6, peak_source, peak / 1e9)
+    gc.disable()  # collect on our schedule: an untimely collection stalls a step
+
+    with ExitStack() as stack:
+        loader = build_data_loader(args.data, world.rank, world.world_size, state.data_loader)
+        stack.callback(loader.close)
+        metrics = stack.enter_context(
+            MetricLogger(dump_dir / "metrics.jsonl", args.logging.wandb, to_dict(args) if world.rank == 0 else None)
+        )
+        profiler = stack.enter_context(maybe_profile(args.profiling, str(dump_dir), world.rank))
+        tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * world.world_size
+        window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
+        model.train()
+        while state.step < args.steps:
+            step_start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for _ in range(args.grad_acc_steps):
+                t0 = time.perf_counter()
+                x, y = _to_device(next(loader), device)
+                data_time += time.perf_counter() - t0
+                loss = model(x, target=y)
+                (loss / args.grad_acc_steps).backward()
+                loss_sum += loss.detach()
+            loss_value = float(loss_sum) / args.grad_acc_steps
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(
+                    f"loss is {loss_value} at step {state.step + 1}: stopping; last good checkpoint: "
+                    f"{ckpt.latest() or 'none'}"
+                )
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.optim.clip or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            profiler.step()
+            if state.step % args.gc_collect_freq == 0:
+                gc.collect()
+
+            if state.step % args.logging.freq == 0 or state.step in (1, args.steps):
+                now = time.perf_counter()
+                elapsed = now - window_start
+                wps = window_tokens / elapsed
+                metrics.log({
+                    "global_step": state.step,
+                    "loss/out": loss_value,
+                    "optim": {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                              "total_tokens": state.tokens_seen},
+                    "speed": {"wps": wps, "FLOPS": wps * flops_per_token, "MFU": wps * flops_per_token / peak,
+                              "curr_iter_time": now - step_start, "data_load_time": data_time},
+                })
+                logger.info("step %d  loss %.4f  lr %.2e  gnorm %.3f  %.0f tok/s  MFU %.2f  data %.3fs",
+                            state.step, loss_value, scheduler.get_last_lr()[0], float(grad_norm), wps,
+                            wps * flops_per_token / peak, data_time)
+                window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
+
+            dump_due = state.step % args.checkpoint.dump.every == 0 or state.step == args.steps
+            eval_due = eval_args is not None and state.step % args.checkpoint.eval.every == 0
+            if dump_due or eval_due:
+                state.data_loader = loader.state_dict()
+                state.scheduler = scheduler.state_dict()
+                ckpt.save(model, optimizer, state.to_json(), to_dict(args), state.step, dp_rank=world.rank)
+            if eval_due:
+                results = run_validation(model, tokenizer, eval_args.validation, args.data, device,
+                                         world.rank, world.world_size)
+                if world.rank == 0:
+                    out = Path(eval_args.metric_log_dir or dump_dir)
+                    with MetricLogger(out / "metrics.validation.jsonl") as m:
+                        m.log({"global_step": state.step, "val": results})
+                    logger.info("validation at step %d: %s", state.step,
+                                {k: round(v["loss"], 4) for k, v in results.items()})
+            if dump_due or eval_due:  # keep checkpoint and eval time out of the next wps window
+                window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
+    gc.enable()
+    if world.rank == 0:
+        print(f"done: {state.step} steps. dump_dir: {dump_dir}\n"
+              f"  metrics:     {dump_dir / 'metrics.jsonl'}\n"
+              f"  checkpoint:  {ckpt.latest()}\n"
+              f"next: python -m apps.main.eval ckpt_dir={dump_dir}\n"
+              f"      python -m apps.main.generate ckpt_dir={dump_dir} prompt='def '", flush=True)
+    return state
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = cli_main(TrainArgs, argv)
+    try:
+        train(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except NonFiniteLoss as e:
+        logging.getLogger(__name__).error("%s", e)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Config loading: any `*Args` dataclass from defaults < YAML file < `a.b=c` CLI dotlist.
+
+Keys are strict: an unknown key or a value of the wrong type stops the run before any work,
+naming the dotted key and the closest valid one. `dump_config` writes the resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the key or file at fault."""
+
+
+def choice(default: str, choices: tuple[str, ...]) -> Any:
+    """A str field restricted to `choices`, checked when the config is loaded."""
+    return dataclasses.field(default=default, metadata={"choices": choices})
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _parse_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"config key '{key}' expects a bool (true/false), got {value!r}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field type `tp`, or raise ConfigError naming `key`."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section ({tp.__name__}), got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (dict, typing.Dict) or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        ktp, vtp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, ktp, f"{key}.{k}"): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    if origin in (list, typing.List, tuple) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        (etp,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, etp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        return _parse_bool(value, key)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' expects an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' expects a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}' has an unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{name}'{_closest(str(name), list(fields))}")
+        value = _coerce(value, hints[name], prefix + name)
+        allowed = fields[name].metadata.get("choices")
+        if allowed and value not in allowed:
+            raise ConfigError(f"config key '{prefix}{name}' must be one of {list(allowed)}, got {value!r}")
+        kwargs[name] = value
+    # Sections not mentioned still need their own defaults merged (not shared instances).
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _dotlist_to_dict(items: list[str]) -> dict:
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"command-line argument '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"command-line argument '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command-line key '{key}' sets inside '{part}', which is a value")
+        node[parts[-1]] = value
+    return tree
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def from_dict(cls: type[T], values: dict) -> T:
+    """Build `cls` from a nested dict with the same strict checks as the CLI."""
+    return _build(cls, values)
+
+
+def to_dict(obj: Any) -> dict:
+    return _to_plain(obj)
+
+
+def load_config(cls: type[T], argv: Optional[list[str]] = None) -> T:
+    """defaults < `config=path.yaml` < `a.b=c` overrides, all strictly checked."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_paths = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
+    overrides = [a for a in argv if not a.startswith("config=")]
+    if len(config_paths) > 1:
+        raise ConfigError("more than one config=... given")
+    values: dict = load_yaml(config_paths[0]) if config_paths else {}
+    values = _deep_merge(values, _dotlist_to_dict(overrides))
+    try:
+        return _build(cls, values)
+    except ConfigError as e:
+        where = f" (config file {config_paths[0]})" if config_paths else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def dump_config(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def cli_main(cls: type[T], argv: Optional[list[str]] = None) -> T:
+    """load_config for entry points: a ConfigError becomes one clear line and exit code 2."""
+    try:
+        return load_config(cls, argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

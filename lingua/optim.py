@@ -1,0 +1,150 @@
+"""AdamW with per-parameter groups and Meta Lingua's learning-rate schedules.
+
+A module can give some of its parameters their own lr / weight decay by defining
+`optim_overrides() -> {local_param_name: {"lr": .., "weight_decay": ..}}`; the overrides are
+found by walking named_modules, so they survive FSDP wrapping and checkpoint loading (they
+are code, not state). Every schedule returns a factor applied to each group's own lr.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lingua.args import choice
+
+
+@dataclass
+class OptimArgs:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    epsilon: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0
+    scheduler: str = choice("cosine", ("constant", "linear", "inv_sqrt", "cosine", "wsd"))
+    warmup: int = 2000
+    lr_min_ratio: float = 0.1
+    cycle_length: float = 1.0
+    cosine_theta: float = 1.0
+    annealing_step: int = 1000
+    decay_fraction: float = 0.1
+    exp_factor: float = 0.5
+
+
+def _warmup(step: int, warmup: int) -> Optional[float]:
+    return (step + 1) / warmup if step < warmup else None
+
+
+def lr_constant(step: int, warmup: int) -> float:
+    w = _warmup(step, warmup)
+    return 1.0 if w is None else w
+
+
+def lr_linear(step: int, warmup: int, n_steps: int, min_ratio: float) -> float:
+    w = _warmup(step, warmup)
+    if w is not None:
+        return w
+    progress = min(1.0, (step - warmup) / max(1, n_steps - warmup))
+    return 1.0 - (1.0 - min_ratio) * progress
+
+
+def lr_inv_sqrt(step: int, warmup: int, exp_factor: float, min_ratio: float) -> float:
+    w = _warmup(step, warmup)
+    if w is not None:
+        return w
+    return max((warmup / (step + 1)) ** exp_factor, min_ratio)
+
+
+def lr_cosine(step: int, warmup: int, n_steps: int, cycle_length: float, theta: float, min_ratio: float) -> float:
+    w = _warmup(step, warmup)
+    if w is not None:
+        return w
+    s = (step - warmup) / max(1, n_steps - warmup) / cycle_length
+    if s >= 1.0 and cycle_length >= 1.0:
+        return min_ratio
+    cos = math.cos(math.pi * (s % 1.0) ** theta)
+    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + cos)
+
+
+def lr_wsd(step: int, warmup: int, n_steps: int, decay_fraction: float, cycle_length: float, min_ratio: float) -> float:
+    """Warmup-stable-decay: flat after warmup, then a (1 - sqrt) decay over the last fraction."""
+    w = _warmup(step, warmup)
+    if w is not None:
+        return w
+    cycle = max(1, int(n_steps * cycle_length))
+    decay_len = max(1, int(decay_fraction * cycle))
+    pos = step % cycle if cycle_length < 1.0 else min(step, cycle)
+    if pos < cycle - decay_len:
+        return 1.0
+    progress = (pos - (cycle - decay_len)) / decay_len
+    return min_ratio + (1.0 - min_ratio) * (1.0 - math.sqrt(min(1.0, progress)))
+
+
+def build_lr_fn(args: OptimArgs, n_steps: int) -> Callable[[int], float]:
+    return {
+        "constant": partial(lr_constant, warmup=args.warmup),
+        "linear": partial(lr_linear, warmup=args.warmup, n_steps=n_steps, min_ratio=args.lr_min_ratio),
+        "inv_sqrt": partial(lr_inv_sqrt, warmup=args.warmup, exp_factor=args.exp_factor, min_ratio=args.lr_min_ratio),
+        "cosine": partial(
+            lr_cosine,
+            warmup=args.warmup,
+            n_steps=n_steps,
+            cycle_length=args.cycle_length,
+            theta=args.cosine_theta,
+            min_ratio=args.lr_min_ratio,
+        ),
+        "wsd": partial(
+            lr_wsd,
+            warmup=args.warmup,
+            n_steps=n_steps,
+            decay_fraction=args.decay_fraction,
+            cycle_length=args.cycle_length,
+            min_ratio=args.lr_min_ratio,
+        ),
+    }[args.scheduler]
+
+
+def collect_overrides(model: nn.Module) -> dict[str, dict]:
+    """Full parameter name -> {"lr"/"weight_decay"} from every module's optim_overrides()."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        fn = getattr(module, "optim_overrides", None)
+        if fn is None:
+            continue
+        for local, override in fn().items():
+            out[f"{mod_name}.{local}" if mod_name else local] = dict(override)
+    return out
+
+
+def param_groups(model: nn.Module, args: OptimArgs) -> list[dict]:
+    """One group per distinct (lr, weight_decay); the default group first."""
+    overrides = collect_overrides(model)
+    groups: dict[tuple[float, float], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        o = overrides.get(name, {})
+        key = (float(o.get("lr", args.lr)), float(o.get("weight_decay", args.weight_decay)))
+        group = groups.setdefault(key, {"params": [], "names": [], "lr": key[0], "weight_decay": key[1]})
+        group["params"].append(param)
+        group["names"].append(name)
+    default = (float(args.lr), float(args.weight_decay))
+    return sorted(groups.values(), key=lambda g: (g["lr"], g["weight_decay"]) != default)
+
+
+def build_optimizer(model: nn.Module, args: OptimArgs, n_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    groups = param_groups(model, args)
+    for group in groups:
+        del group["names"]  # only for tests and debugging; AdamW would carry it into its state
+    optimizer = torch.optim.AdamW(
+        groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.epsilon, weight_decay=args.weight_decay, fused=False
+    )
+    scheduler = LambdaLR(optimizer, build_lr_fn(args, n_steps))
+    return optimizer, scheduler

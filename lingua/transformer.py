@@ -1,0 +1,335 @@
+"""Llama-style transformer building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Parameter names follow Meta Lingua (attention.wq, feed_forward.w1, attention_norm, ...) so
+its checkpoints map one to one. A block is `x + attention_branch(x)` then
+`h + feed_forward_branch(h)`; later modules swap the FFN (`build_feed_forward`) or wrap the
+residual (`TransformerBlock.forward`) by config, without touching the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lingua.args import choice
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseTransformerArgs:
+    dim: int = 512
+    n_layers: int = 8
+    head_dim: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None
+    ffn_dim_multiplier: Optional[float] = None
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_base_std: Optional[float] = None
+    init_std_factor: str = choice("disabled", ("disabled", "global_depth", "current_depth", "dim_ratio"))
+    max_seqlen: int = 1024
+    # Not in Meta Lingua's schema (it passes attn_impl at call time); sdpa runs everywhere.
+    attn_impl: str = choice("sdpa", ("sdpa", "xformers", "flex"))
+
+    def resolved_heads(self) -> tuple[int, int, int]:
+        """(n_heads, n_kv_heads, head_dim), checked against dim."""
+        if self.n_heads is None and self.head_dim is None:
+            raise ValueError("model: set model.n_heads or model.head_dim")
+        n_heads = self.n_heads if self.n_heads is not None else self.dim // self.head_dim
+        head_dim = self.head_dim if self.head_dim is not None else self.dim // n_heads
+        if n_heads * head_dim != self.dim:
+            raise ValueError(f"model.dim={self.dim} is not model.n_heads={n_heads} x model.head_dim={head_dim}")
+        n_kv_heads = self.n_kv_heads or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"model.n_heads={n_heads} is not a multiple of model.n_kv_heads={n_kv_heads}")
+        if head_dim % 2:
+            raise ValueError(f"head dim {head_dim} must be even for RoPE")
+        return n_heads, n_kv_heads, head_dim
+
+    def ffn_hidden_dim(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def depth_init_factor(args: BaseTransformerArgs, layer_id: int) -> float:
+    """Meta Lingua's init_std_factor: how much to shrink output projections with depth."""
+    return {
+        "disabled": 1.0,
+        "global_depth": (2 * args.n_layers) ** 0.5,
+        "current_depth": (2 * (layer_id + 1)) ** 0.5,
+        "dim_ratio": args.dim / 4096,
+    }[args.init_std_factor]
+
+
+def trunc_normal_(weight: torch.Tensor, std: float) -> None:
+    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 so bf16 activations do not lose the small-variance tail.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotate-half RoPE, recomputed by reset_parameters (meta-device safe)."""
+
+    def __init__(self, head_dim: int, max_seqlen: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_seqlen, self.theta = head_dim, max_seqlen, theta
+        self.register_buffer("cos", torch.empty(max_seqlen, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seqlen, head_dim), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.cos.is_meta:
+            return
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        angles = torch.outer(torch.arange(self.max_seqlen, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        with torch.no_grad():
+            self.cos.copy_(angles.cos().to(self.cos.dtype))
+            self.sin.copy_(angles.sin().to(self.sin.dtype))
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start + length > self.max_seqlen:
+            raise ValueError(f"sequence position {start + length} exceeds model.max_seqlen={self.max_seqlen}")
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, H, D]; cos/sin: [S, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys/values of one attention layer for incremental decoding."""
+
+    k: torch.Tensor  # [B, n_kv_heads, max_len, head_dim]
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype) -> "KVCache":
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def _causal_mask(q_len: int, kv_len: int, sliding_window: Optional[int], device) -> torch.Tensor:
+    """Boolean [q_len, kv_len] mask, True = attend; queries sit at the end of the keys."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def _xformers_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Attention(nn.Module):
+    def __init__(self, args: BaseTransformerArgs, sliding_window: Optional[int] = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.resolved_heads()
+        self.attn_impl = args.attn_impl
+        self.sliding_window = sliding_window
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self._warned_fallback = False
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: Optional[KVCache] = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+        if kv_cache is not None:
+            k, v = kv_cache.update(start, k, v)
+        out = self._attend(q, k, v)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        impl = self.attn_impl
+        if impl == "xformers" and not _xformers_available(q.device):
+            impl = self._fallback("xformers has no kernel here (it needs CUDA)")
+        if impl == "xformers":
+            return self._xformers(q, k, v)
+        if impl == "flex":
+            return self._flex(q, k, v)
+        q_len, kv_len = q.shape[2], k.shape[2]
+        gqa = self.n_heads != self.n_kv_heads
+        if self.sliding_window is None and q_len == kv_len:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        mask = _causal_mask(q_len, kv_len, self.sliding_window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    def _fallback(self, why: str) -> str:
+        if not self._warned_fallback:
+            logger.warning("attn_impl=%s unavailable: %s; using sdpa", self.attn_impl, why)
+            self._warned_fallback = True
+        return "sdpa"
+
+    def _xformers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        import xformers.ops as xops
+
+        if self.n_heads != self.n_kv_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        if self.sliding_window is not None:
+            bias = xops.fmha.attn_bias.LowerTriangularFromBottomRightLocalAttentionMask(self.sliding_window)
+        else:
+            bias = xops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+        return out.transpose(1, 2)
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        q_len, kv_len, window = q.shape[2], k.shape[2], self.sliding_window
+        offset = kv_len - q_len
+
+        def causal(b, h, q_idx, kv_idx):
+            keep = kv_idx <= q_idx + offset
+            if window is not None:
+                keep = keep & (kv_idx > q_idx + offset - window)
+            return keep
+
+        block_mask = create_block_mask(causal, None, None, q_len, kv_len, device=q.device)
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=self.n_heads != self.n_kv_heads)
+
+    def reset_parameters(self, init_std: float, factor: float) -> None:
+        for w in (self.wq, self.wk, self.wv):
+            trunc_normal_(w.weight, init_std)
+        trunc_normal_(self.wo.weight, init_std / factor)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def reset_parameters(self, init_std: float, factor: float) -> None:
+        trunc_normal_(self.w1.weight, init_std)
+        trunc_normal_(self.w3.weight, init_std)
+        trunc_normal_(self.w2.weight, self.w2.in_features**-0.5 / factor)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block. `feed_forward` may be any module mapping [B, S, dim] -> [B, S, dim]."""
+
+    def __init__(self, args: BaseTransformerArgs, layer_id: int, feed_forward: nn.Module, sliding_window=None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args, sliding_window)
+        self.feed_forward = feed_forward
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def attention_branch(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
+        return self.attention(self.attention_norm(x), rope, kv_cache, start)
+
+    def feed_forward_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.ffn_norm(x))
+
+    def forward(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
+        h = x + self.attention_branch(x, rope, kv_cache, start)
+        return h + self.feed_forward_branch(h)
+
+    def reset_parameters(self, init_std: float, factor: float) -> None:
+        self.attention.reset_parameters(init_std, factor)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        if hasattr(self.feed_forward, "reset_parameters"):
+            self.feed_forward.reset_parameters(init_std, factor)
+
+
+class BaseTransformer(nn.Module):
+    """The stack of blocks. Subclasses override `build_feed_forward` to swap a block's FFN."""
+
+    def __init__(self, args: BaseTransformerArgs, sliding_window: Optional[int] = None):
+        super().__init__()
+        self.args = args
+        _, _, head_dim = args.resolved_heads()
+        self.init_base_std = args.init_base_std
+        self.rope = RotaryEmbedding(head_dim, args.max_seqlen, args.rope_theta)
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, i, self.build_feed_forward(args, i), sliding_window) for i in range(args.n_layers)
+        )
+
+    def build_feed_forward(self, args: BaseTransformerArgs, layer_id: int) -> nn.Module:
+        return FeedForward(args.dim, args.ffn_hidden_dim())
+
+    def forward_blocks(self, h: torch.Tensor, kv_caches: Optional[list[KVCache]] = None, start: int = 0):
+        rope = self.rope(start, h.shape[1])
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, kv_caches[i] if kv_caches is not None else None, start)
+        return h
+
+    def init_std(self) -> float:
+        return self.init_base_std or self.args.dim**-0.5
+
+    def reset_parameters(self) -> None:
+        self.rope.reset_parameters()
+        for layer in self.layers:
+            layer.reset_parameters(self.init_std(), depth_init_factor(self.args, layer.layer_id))
+
+
+def matmul_flops_per_token(n_matmul_params: int, n_layers: int, dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul weight (fwd 2 + bwd 4) plus causal attention.
+
+    Attention scores and the weighted sum cost 2 * 2 * seq * dim per token per layer forward
+    over the full square; a causal kernel does half of that, so we count half (6 L d s in
+    fwd+bwd, not PaLM's 12 L d s) to not flatter MFU.
+    """
+    return 6.0 * n_matmul_params + 6.0 * n_layers * dim * seq_len

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -123,7 +124,9 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.save(state, checkpoint_id=str(tmp))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=str(tmp))
         _write_json(train_state_file(tmp, dp_rank), train_state)
         if _rank() == 0:
             _write_json(tmp / "params.json", params)
@@ -168,7 +171,9 @@ def load_model_and_optim(ckpt: str | os.PathLike, model: torch.nn.Module, optimi
     state: dict = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(ckpt))
+    with warnings.catch_warnings():  # one process without a process group is a supported case here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(ckpt))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -196,6 +196,8 @@ class Attention(nn.Module):
         impl = self.attn_impl
         if impl == "xformers" and not _xformers_available(q.device):
             impl = self._fallback("xformers has no kernel here (it needs CUDA)")
+        if impl == "flex" and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+            impl = self._fallback("FlexAttention has no backward on CPU")
         if impl == "xformers":
             return self._xformers(q, k, v)
         if impl == "flex":

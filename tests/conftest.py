@@ -1,0 +1,75 @@
+"""Shared fixtures: a small real-text corpus in the hub layout and a tiny model config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_corpus(root: Path, name: str = "src", n_chunks: int = 2, n_docs: int = 60, n_val: int = 6) -> Path:
+    """Python stdlib files as documents: real text, no network, same layout as prepared data."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py"))[: n_docs + n_val]
+    docs = [p.read_text(encoding="utf-8", errors="replace")[:4000] for p in files]
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    for c in range(n_chunks):
+        with open(out / f"{name}.chunk.{c:02d}.jsonl", "w") as f:
+            for d in docs[n_val:][c::n_chunks]:
+                f.write(json.dumps({"text": d}) + "\n")
+    with open(out / f"{name}.val.jsonl", "w") as f:
+        for d in docs[:n_val]:
+            f.write(json.dumps({"text": d}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("data"))
+
+
+def tiny_overrides(data_root: Path, dump_dir: Path, **extra) -> list[str]:
+    """A model small enough that a step takes milliseconds on 2 cores."""
+    args = {
+        "config": str(ROOT / "apps/main/configs/debug.yaml"),
+        "dump_dir": str(dump_dir),
+        "data.root_dir": str(data_root),
+        "data.sources": "{src: 1.0}",
+        "data.batch_size": 4,
+        "data.seq_len": 32,
+        "data.prefetch_size": 4,
+        "model.dim": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.max_seqlen": 32,
+        "steps": 12,
+        "optim.warmup": 2,
+        "logging.freq": 1,
+        "checkpoint.dump.every": 4,
+        "checkpoint.dump.keep": 0,
+        "checkpoint.eval.every": 1000,
+        "eval.validation.max_steps": 2,
+    }
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def run_module(module: str, argv: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", module, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout, **kwargs,
+    )
+
+
+def read_losses(dump_dir: Path) -> dict[int, float]:
+    rows = [json.loads(l) for l in open(dump_dir / "metrics.jsonl") if l.strip()]
+    return {r["global_step"]: r["loss/out"] for r in rows}

@@ -1,0 +1,133 @@
+"""The model: attention variants against a naive reference, KV-cache decoding, init, sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apps.main.generate import GeneratorArgs, generate, sample_next
+from apps.main.transformer import LMTransformerArgs, build_model
+from lingua.tokenizer import build_tokenizer
+from lingua.transformer import Attention, BaseTransformerArgs, RotaryEmbedding
+
+
+def tiny(**kw) -> LMTransformerArgs:
+    base = dict(dim=32, n_layers=2, n_heads=4, vocab_size=258, max_seqlen=64)
+    base.update(kw)
+    return LMTransformerArgs(**base)
+
+
+def naive_attention(attn: Attention, x: torch.Tensor, rope, window=None) -> torch.Tensor:
+    """Dense softmax attention written out, with kv heads repeated for GQA."""
+    from lingua.transformer import apply_rope
+
+    b, s, _ = x.shape
+    q = apply_rope(attn.wq(x).view(b, s, attn.n_heads, attn.head_dim), *rope).transpose(1, 2)
+    k = apply_rope(attn.wk(x).view(b, s, attn.n_kv_heads, attn.head_dim), *rope).transpose(1, 2)
+    v = attn.wv(x).view(b, s, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    rep = attn.n_heads // attn.n_kv_heads
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= j > i - window
+    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    return attn.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+@pytest.mark.parametrize("n_kv_heads, window", [(4, None), (2, None), (1, 5), (4, 8)])
+def test_attention_matches_naive(n_kv_heads, window):
+    torch.manual_seed(0)
+    args = BaseTransformerArgs(dim=32, n_heads=4, n_kv_heads=n_kv_heads, max_seqlen=32)
+    attn = Attention(args, sliding_window=window)
+    rope = RotaryEmbedding(8, 32, 10000.0)(0, 20)
+    x = torch.randn(2, 20, 32)
+    torch.testing.assert_close(attn(x, rope), naive_attention(attn, x, rope, window), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_attention_matches_sdpa_forward():
+    torch.manual_seed(0)
+    m_sdpa = build_model(tiny(n_kv_heads=2, attn_impl="sdpa"))
+    m_flex = build_model(tiny(n_kv_heads=2, attn_impl="flex"))
+    x = torch.randint(0, 258, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(m_flex(x), m_sdpa(x), atol=1e-4, rtol=1e-4)
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    model = build_model(tiny(n_kv_heads=2)).eval()
+    x = torch.randint(0, 258, (1, 30))
+    with torch.no_grad():
+        full = model(x)
+        caches = model.new_kv_caches(1, 64)
+        parts = [model(x[:, :12], kv_caches=caches, start=0)]
+        for t in range(12, 30):
+            parts.append(model(x[:, t : t + 1], kv_caches=caches, start=t))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_loss_at_init_is_near_uniform_and_ignores_masked_labels():
+    model = build_model(tiny())
+    x = torch.randint(0, 258, (2, 16))
+    loss = model(x, target=x)
+    assert abs(loss.item() - math.log(258)) < 0.5
+    y = x.clone()
+    y[:, 8:] = -100
+    logits = model(x)
+    expected = F.cross_entropy(logits[:, :8].flatten(0, 1), x[:, :8].flatten())
+    torch.testing.assert_close(model(x, target=y), expected)
+
+
+@pytest.mark.parametrize("factor", ["disabled", "global_depth", "current_depth", "dim_ratio"])
+def test_init_std_factor_scales_output_projections(factor):
+    model = build_model(tiny(n_layers=4, dim=64, init_std_factor=factor))
+    base = 64**-0.5
+    expected = {"disabled": [1.0] * 4, "global_depth": [8**0.5] * 4,
+                "current_depth": [(2 * (i + 1)) ** 0.5 for i in range(4)], "dim_ratio": [64 / 4096] * 4}[factor]
+    for layer, f in zip(model.layers, expected):
+        assert layer.attention.wq.weight.std().item() == pytest.approx(base, rel=0.15)
+        assert layer.attention.wo.weight.std().item() == pytest.approx(base / f, rel=0.15)
+
+
+def test_build_is_deterministic_and_weight_tying_shares_storage():
+    a, b = build_model(tiny(seed=3)), build_model(tiny(seed=3))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    tied = build_model(tiny(weight_tying=True))
+    assert tied.output.weight.data_ptr() == tied.tok_embeddings.weight.data_ptr()
+
+
+def test_bad_head_config_names_keys():
+    with pytest.raises(ValueError, match="model.n_kv_heads"):
+        build_model(tiny(n_heads=4, n_kv_heads=3))
+    with pytest.raises(ValueError, match="max_seqlen"):
+        build_model(tiny(max_seqlen=8))(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, GeneratorArgs(temperature=0.0), g).item() == 3
+    top1 = [sample_next(logits, GeneratorArgs(temperature=1.0, top_k=1), g).item() for _ in range(20)]
+    assert set(top1) == {3}
+    # probs ~ [0.03, 0.09, 0.24, 0.64]: top_p=0.7 needs {3, 2}; top_p=0.6 is met by {3} alone.
+    nucleus = {sample_next(logits, GeneratorArgs(temperature=1.0, top_p=0.7), g).item() for _ in range(200)}
+    assert {sample_next(logits, GeneratorArgs(temperature=1.0, top_p=0.6), g).item() for _ in range(50)} == {3}
+    assert nucleus == {2, 3}
+
+
+def test_generate_is_deterministic_and_stops_at_until():
+    model = build_model(tiny()).eval()
+    tok = build_tokenizer("bytes")
+    args = GeneratorArgs(temperature=0.8, top_p=0.95, max_gen_len=20, seed=1)
+    first, second = generate(model, tok, ["def f():"], args), generate(model, tok, ["def f():"], args)
+    assert first == second
+    greedy = generate(model, tok, ["abc"], GeneratorArgs(max_gen_len=30))[0]
+    if len(greedy) > 3:
+        cut = generate(model, tok, ["abc"], GeneratorArgs(max_gen_len=30, until=[greedy[2:4]]))[0]
+        assert cut == greedy[: greedy.index(greedy[2:4])]

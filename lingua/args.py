@@ -1,7 +1,8 @@
 """Config loading: any `*Args` dataclass from defaults < YAML file < `a.b=c` CLI dotlist.
 
 Keys are strict: an unknown key or a value of the wrong type stops the run before any work,
-naming the dotted key and the closest valid one. `dump_config` writes the resolved config.
+naming the dotted key and the closest valid one. On the command line `a.b=c` sets one key
+and `a={b: c}` replaces the whole mapping `a`. `dump_config` writes the resolved config.
 """
 
 from __future__ import annotations
@@ -29,9 +30,18 @@ def choice(default: str, choices: tuple[str, ...]) -> Any:
     return dataclasses.field(default=default, metadata={"choices": choices})
 
 
-def _closest(key: str, valid: list[str]) -> str:
+def _closest(key: str, valid: list[str], prefix: str = "") -> str:
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+    if match:
+        return f"; did you mean '{prefix}{match[0]}'?"
+    return f"; valid keys under '{prefix[:-1] or '<top level>'}': {', '.join(sorted(valid))}"
+
+
+def _leaf_keys(value: Any, key: str) -> list[str]:
+    """Dotted keys of the leaves under `key` (just `key` for a scalar), as the user wrote them."""
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaf_keys(v, f"{key}.{k}")]
+    return [key]
 
 
 def _type_name(tp: Any) -> str:
@@ -81,7 +91,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return {_coerce(k, ktp, f"{key}.{k}"): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, typing.List, tuple) or tp in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            # `key=[a, b]` is a YAML list; a bare string is one element (prompts may hold commas).
+            value = yaml.safe_load(value) if value.startswith("[") else [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         (etp,) = typing.get_args(tp)[:1] or (Any,)
@@ -109,6 +120,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"config key '{key}' expects a float, got {value!r}")
     if tp is str:
+        if value is None:  # str(None) would silently become the string "None"
+            raise ConfigError(f"config key '{key}' expects a string, got null (the field is not Optional)")
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
         return str(value)
@@ -121,7 +134,9 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for name, value in values.items():
         if name not in fields:
-            raise ConfigError(f"unknown config key '{prefix}{name}'{_closest(str(name), list(fields))}")
+            # Name what the user wrote (`modell.dim`), not just the unknown section (`modell`).
+            leaves = ", ".join(f"'{k}'" for k in _leaf_keys(value, f"{prefix}{name}"))
+            raise ConfigError(f"unknown config key {leaves}{_closest(str(name), list(fields), prefix)}")
         value = _coerce(value, hints[name], prefix + name)
         allowed = fields[name].metadata.get("choices")
         if allowed and value not in allowed:
@@ -131,10 +146,14 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
+class _Replace(dict):
+    """A mapping given whole on the command line: it replaces, not merges."""
+
+
 def _deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and not isinstance(v, _Replace) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
@@ -153,6 +172,10 @@ def _dotlist_to_dict(items: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):
+            value = raw  # YAML would strip quotes' meaning and trailing spaces from plain strings
+        elif isinstance(value, dict):
+            value = _Replace(value)
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -207,7 +230,7 @@ def load_config(cls: type[T], argv: Optional[list[str]] = None) -> T:
     try:
         return _build(cls, values)
     except ConfigError as e:
-        where = f" (config file {config_paths[0]})" if config_paths else ""
+        where = f" (in {config_paths[0]} or the command line)" if config_paths else ""
         raise ConfigError(f"{e}{where}") from None
 
 

@@ -105,3 +105,12 @@ def set_cpu_threads(info: WorldInfo) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // max(1, info.local_world_size)))
+
+
+def compile_blocks(model: torch.nn.Module, cache_size_limit: int = 8) -> torch.nn.Module:
+    """torch.compile each transformer block in place (parameter names unchanged, so
+    checkpoints stay interchangeable with eager runs), as torchtitan does."""
+    torch._dynamo.config.cache_size_limit = cache_size_limit
+    for block in model.layers:
+        block.compile()
+    return model

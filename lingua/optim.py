@@ -59,7 +59,8 @@ def lr_inv_sqrt(step: int, warmup: int, exp_factor: float, min_ratio: float) -> 
     w = _warmup(step, warmup)
     if w is not None:
         return w
-    return max((warmup / (step + 1)) ** exp_factor, min_ratio)
+    # max(1, warmup): with warmup=0 the factor would be 0 and the run would sit at min_ratio.
+    return max((max(1, warmup) / (step + 1)) ** exp_factor, min_ratio)
 
 
 def lr_cosine(step: int, warmup: int, n_steps: int, cycle_length: float, theta: float, min_ratio: float) -> float:

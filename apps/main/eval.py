@@ -110,15 +110,19 @@ def validate_file(
         steps += 1
         batch.clear()
 
+    done = lambda: max_steps is not None and steps >= max_steps  # noqa: E731
     for doc_idx, text in enumerate(read_documents(path)):
         if doc_idx % world_size != rank:
             continue
-        if max_steps is not None and steps >= max_steps:
+        if done():
             break
-        tokens = tokenizer.encode(text, add_bos=True, add_eos=True)
+        # A document counts whole (its bytes for bpb) only if all of its windows are scored.
+        pieces = _windows(tokenizer.encode(text, add_bos=True, add_eos=True), seq_len)
+        if max_steps is not None and steps + (len(batch) + len(pieces)) / batch_size > max_steps and n_docs:
+            break
         n_bytes += len(text.encode("utf-8"))
         n_docs += 1
-        for piece in _windows(tokens, seq_len):
+        for piece in pieces:
             batch.append(piece)
             if len(batch) == batch_size:
                 flush()

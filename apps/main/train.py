@@ -25,7 +25,15 @@ from apps.main.transformer import LMTransformer, LMTransformerArgs, build_model
 from lingua.args import ConfigError, cli_main, dump_config, from_dict, to_dict
 from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_and_optim, load_model_weights
 from lingua.data import DataArgs, DataError, build_data_loader, source_files
-from lingua.distributed import DistributedArgs, EnvironmentArgs, default_device, set_cpu_threads, setup_env, world_info
+from lingua.distributed import (
+    DistributedArgs,
+    EnvironmentArgs,
+    compile_blocks,
+    default_device,
+    set_cpu_threads,
+    setup_env,
+    world_info,
+)
 from lingua.logger import init_logger
 from lingua.metrics import LoggingArgs, MetricLogger, peak_flops
 from lingua.optim import OptimArgs, build_optimizer
@@ -126,6 +134,8 @@ def train(args: TrainArgs, build_model_fn: Callable[[LMTransformerArgs], LMTrans
     torch.manual_seed(args.seed)
 
     model = build_model_fn(args.model).to(device)
+    if args.distributed.compile:
+        compile_blocks(model, args.distributed.compile_cache_size_limit)
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
     ckpt = CheckpointManager(args.checkpoint, dump_dir)
     ckpt.remove_stale_tmp()

@@ -1,0 +1,439 @@
+"""Tests for lingua/data.py: every file and line read exactly once across ranks, packing
+that loses or duplicates no token, weighted sources, bit-exact resume (sync and async),
+bad lines named by file and line, and config errors named by key.
+
+All data is JSONL written here into tmp_path; the tokenizer is the real bytes tokenizer.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from pathlib import Path
+import numpy as np
+import pytest
+
+from lingua.data import (
+    CHUNK_GLOB,
+    DataArgs,
+    DataError,
+    JSONLReader,
+    PackedBatches,
+    TokenStream,
+    assign_files,
+    build_data_loader,
+    source_files,
+)
+from lingua.tokenizer import ByteTokenizer, TokenizerArgs
+
+TOK = ByteTokenizer()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def doc_text(source: str, file_idx: int, doc_idx: int) -> str:
+    # Lengths vary from a few bytes to several windows; non-ASCII bytes included.
+    filler = "xyzé" * ((doc_idx * 7 + file_idx * 3) % 11)
+    return f"{source}/{file_idx}/{doc_idx}:{filler}."
+
+
+def write_source(
+    root: Path, name: str, n_files: int, docs_per_file: int, blank_every: int = 0
+) -> list[list[str]]:
+    """Write `name`'s chunk files; returns the documents of each file in order."""
+    (root / name).mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n_files):
+        docs = [doc_text(name, i, j) for j in range(docs_per_file)]
+        lines = []
+        for j, d in enumerate(docs):
+            lines.append(json.dumps({"text": d, "id": j}))
+            if blank_every and j % blank_every == 0:
+                lines.append("")  # blank lines are skipped, not errors
+        (root / name / f"{name}.chunk.{i:02d}.jsonl").write_text("\n".join(lines) + "\n")
+        out.append(docs)
+    return out
+
+
+def make_args(root: Path, sources: dict[str, float], **kw) -> DataArgs:
+    defaults = dict(batch_size=2, seq_len=16, prefetch_size=3, load_async=False, seed=7)
+    defaults.update(kw)
+    return DataArgs(root_dir=str(root), sources=sources, tokenizer=TokenizerArgs(name="bytes"), **defaults)
+
+
+def read_one_epoch(reader: JSONLReader) -> list[str]:
+    docs = []
+    while True:
+        text = next(reader)
+        if reader.epoch > 0:  # this document already belongs to the second epoch
+            return docs
+        docs.append(text)
+
+
+def take(loader, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [tuple(np.array(a, copy=True) for a in next(loader)) for _ in range(n)]
+
+
+def windows_of(batches: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[int, ...]]:
+    """Each row's n+1 tokens: the input then the last label."""
+    return [tuple(np.concatenate([x, y[-1:]]).tolist()) for xb, yb in batches for x, y in zip(xb, yb)]
+
+
+# ---------------------------------------------------------------- source_files / config errors
+
+
+def test_source_files_sorted_and_filtered(tmp_path: Path) -> None:
+    write_source(tmp_path, "web", 3, 2)
+    (tmp_path / "web" / "web.val.jsonl").write_text('{"text": "v"}\n')
+    (tmp_path / "web" / "notes.txt").write_text("x")
+    files = source_files(make_args(tmp_path, {"web": 1.0}))
+    assert [f.name for f in files["web"]] == [f"web.chunk.{i:02d}.jsonl" for i in range(3)]
+
+
+@pytest.mark.parametrize("load_async", [False, True])
+def test_config_errors_name_the_key(tmp_path: Path, load_async: bool) -> None:
+    write_source(tmp_path, "web", 1, 2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "data.jsonl").write_text('{"text": "not a chunk name"}\n')
+
+    def error(args: DataArgs) -> str:
+        with pytest.raises(DataError) as info:
+            build_data_loader(args)
+        return str(info.value)
+
+    kw = dict(load_async=load_async)
+    assert "data.root_dir" in error(DataArgs(sources={"web": 1.0}, **kw))
+    missing_root = tmp_path / "no_such_dir"
+    msg = error(make_args(missing_root, {"web": 1.0}, **kw))
+    assert "data.root_dir" in msg and str(missing_root) in msg
+    msg = error(make_args(tmp_path, {"web": 1.0, "nosuch": 1.0}, **kw))
+    assert "data.sources.nosuch" in msg and str(tmp_path / "nosuch") in msg
+    msg = error(make_args(tmp_path, {"web": 1.0, "empty": 1.0}, **kw))
+    assert "data.sources.empty" in msg
+    msg = error(make_args(tmp_path, {"wrong": 1.0}, **kw))
+    assert "data.sources.wrong" in msg and CHUNK_GLOB in msg
+    assert "data.sources" in error(make_args(tmp_path, {}, **kw))
+    assert "data.sources.web" in error(make_args(tmp_path, {"web": 0.0}, **kw))
+    assert "data.n_views" in error(make_args(tmp_path, {"web": 1.0}, n_views=3, **kw))
+
+
+# ---------------------------------------------------------------- assign_files: every line once
+
+
+@pytest.mark.parametrize(
+    "n_files, world_size",
+    [(1, 1), (4, 2), (5, 3), (6, 6), (7, 3), (1, 2), (2, 5), (3, 5), (3, 8)],
+)
+def test_every_line_read_exactly_once_across_ranks(tmp_path: Path, n_files: int, world_size: int) -> None:
+    per_file = write_source(tmp_path, "web", n_files, 9, blank_every=4)
+    files = sorted((tmp_path / "web").glob(CHUNK_GLOB))
+    expected = collections.Counter(d for docs in per_file for d in docs)
+
+    seen: collections.Counter = collections.Counter()
+    for rank in range(world_size):
+        assignment = assign_files(files, rank, world_size)
+        assert assignment, f"rank {rank} got nothing"
+        docs = read_one_epoch(JSONLReader(assignment))
+        assert docs, f"rank {rank} read nothing"
+        seen.update(docs)
+        if n_files >= world_size:
+            # Whole files per rank, round-robin.
+            assert all(stride == 1 and offset == 0 for _, stride, offset in assignment)
+            assert [p for p, _, _ in assignment] == [str(f) for i, f in enumerate(files) if i % world_size == rank]
+    assert seen == expected  # every document once: none dropped, none duplicated
+
+
+def test_ranks_sharing_a_file_get_balanced_shares(tmp_path: Path) -> None:
+    write_source(tmp_path, "web", 2, 30)
+    files = sorted((tmp_path / "web").glob(CHUNK_GLOB))
+    counts = [len(read_one_epoch(JSONLReader(assign_files(files, r, 5)))) for r in range(5)]
+    assert sum(counts) == 60
+    assert max(counts) - min(counts) <= 6  # 30 lines over 3 ranks (10) or 2 ranks (15)
+
+
+def test_reader_resumes_mid_file_and_mid_epoch(tmp_path: Path) -> None:
+    write_source(tmp_path, "web", 3, 5, blank_every=2)
+    files = sorted((tmp_path / "web").glob(CHUNK_GLOB))
+    a = JSONLReader(assign_files(files, 0, 1))
+    first = [next(a) for _ in range(7)]
+    state = json.loads(json.dumps(a.state()))
+    rest = [next(a) for _ in range(20)]  # crosses into the next epoch
+    b = JSONLReader(assign_files(files, 0, 1))
+    b.load(state)
+    assert [next(b) for _ in range(20)] == rest
+    assert first[0] == rest[8]  # 15 docs per epoch
+
+
+# ---------------------------------------------------------------- packing
+
+
+def expected_stream(per_file: list[list[str]], add_bos: bool, add_eos: bool, epochs: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(epochs):
+        for docs in per_file:
+            for d in docs:
+                out.extend(TOK.encode(d, add_bos=add_bos, add_eos=add_eos))
+    return out
+
+
+@pytest.mark.parametrize("add_bos, add_eos", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("seq_len", [5, 16, 64])
+def test_windows_reproduce_the_token_stream(tmp_path: Path, add_bos: bool, add_eos: bool, seq_len: int) -> None:
+    per_file = write_source(tmp_path, "web", 2, 6, blank_every=3)
+    files = sorted((tmp_path / "web").glob(CHUNK_GLOB))
+    stream = TokenStream(JSONLReader(assign_files(files, 0, 1)), TOK, add_bos, add_eos)
+    expected = expected_stream(per_file, add_bos, add_eos, epochs=4)
+    n_windows = (len(expected) - 1) // seq_len - 2
+    windows = [stream.window(seq_len) for _ in range(n_windows)]
+    assert all(w.shape == (seq_len + 1,) and w.dtype == np.int64 for w in windows)
+    for a, b in zip(windows, windows[1:]):
+        assert a[-1] == b[0]  # overlap by exactly one token: every token is a label once
+    rebuilt = [t for w in windows for t in w[:-1].tolist()] + [int(windows[-1][-1])]
+    assert rebuilt == expected[: len(rebuilt)]
+    assert len(rebuilt) == n_windows * seq_len + 1
+    n_bos = rebuilt.count(TOK.bos_id)
+    n_eos = rebuilt.count(TOK.eos_id)
+    assert (n_bos > 0) == add_bos and (n_eos > 0) == add_eos
+
+
+def test_packed_batches_are_shuffled_windows_of_the_stream(tmp_path: Path) -> None:
+    per_file = write_source(tmp_path, "web", 2, 7)
+    args = make_args(tmp_path, {"web": 1.0}, batch_size=3, seq_len=12, prefetch_size=4)
+    loader = PackedBatches(args)
+    per_buffer = args.batch_size * args.prefetch_size
+    batches = take(loader, 3 * args.prefetch_size)
+    for x, y in batches:
+        assert x.shape == y.shape == (3, 12) and x.dtype == y.dtype == np.int64
+        assert np.array_equal(y[:, :-1], x[:, 1:])  # labels are inputs shifted by one
+    got = windows_of(batches)
+    expected = expected_stream(per_file, True, True, epochs=6)
+    ref = [tuple(expected[i * 12 : i * 12 + 13]) for i in range(len(got))]
+    for b in range(3):
+        chunk = slice(b * per_buffer, (b + 1) * per_buffer)
+        # Each buffer holds exactly the next consecutive windows, in shuffled order.
+        assert sorted(got[chunk]) == sorted(ref[chunk])
+    assert got != ref  # and the order really is shuffled
+    assert loader.n_tokens_read() >= len(got) * 12
+
+
+# ---------------------------------------------------------------- weighted sources
+
+
+def test_weighted_sources_follow_weights(tmp_path: Path) -> None:
+    root = tmp_path
+    weights = {"aaa": 1.0, "bbb": 2.0, "ccc": 5.0}
+    for name in weights:
+        (root / name).mkdir()
+        lines = [json.dumps({"text": name[0] * (5 + i % 13)}) for i in range(40)]
+        (root / name / f"{name}.chunk.00.jsonl").write_text("\n".join(lines) + "\n")
+    args = make_args(root, weights, batch_size=8, seq_len=8, prefetch_size=16)
+    loader = PackedBatches(args)
+    counts = collections.Counter()
+    for window in windows_of(take(loader, 160)):  # 1280 windows
+        letters = {t for t in window if t < 256}
+        assert len(letters) == 1, "a window mixes sources"
+        counts[chr(letters.pop())] += 1
+    total = sum(counts.values())
+    for name, w in weights.items():
+        assert counts[name[0]] / total == pytest.approx(w / sum(weights.values()), abs=0.04), counts
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+def multi_source(tmp_path: Path) -> DataArgs:
+    write_source(tmp_path, "web", 3, 5, blank_every=3)
+    write_source(tmp_path, "code", 1, 4)
+    write_source(tmp_path, "books", 2, 3)
+    return make_args(tmp_path, {"web": 2.0, "code": 1.0, "books": 0.5}, batch_size=2, seq_len=16, prefetch_size=3)
+
+
+def run_resume(args: DataArgs, k: int, n: int, rank: int = 0, world_size: int = 1):
+    loader = build_data_loader(args, rank, world_size)
+    try:
+        head = take(loader, k)
+        state = json.loads(json.dumps(loader.state_dict()))  # as train_state_*.json holds it
+        tail = take(loader, n)
+    finally:
+        loader.close()
+    resumed = build_data_loader(args, rank, world_size, state=state)
+    try:
+        again = take(resumed, n)
+        state_after = json.loads(json.dumps(resumed.state_dict()))
+    finally:
+        resumed.close()
+    return head, tail, again, state_after
+
+
+def assert_same_batches(a, b) -> None:
+    assert len(a) == len(b)
+    for i, ((xa, ya), (xb, yb)) in enumerate(zip(a, b)):
+        assert xa.dtype == xb.dtype and xa.shape == xb.shape, i
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb), f"batch {i} differs"
+
+
+# prefetch_size=3: k=3 and k=6 sit on buffer boundaries, the others inside a buffer.
+@pytest.mark.parametrize("k", [0, 1, 3, 4, 6, 8])
+def test_exact_resume_sync(tmp_path: Path, k: int) -> None:
+    args = multi_source(tmp_path)
+    n = 10  # spans several buffers and wraps the small sources' epochs
+    head, tail, again, _ = run_resume(args, k, n)
+    assert_same_batches(again, tail)
+    # Also equal to an uninterrupted run.
+    full = take(PackedBatches(args), k + n)
+    assert_same_batches(full[:k], head)
+    assert_same_batches(full[k:], tail)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_exact_resume_async(tmp_path: Path, k: int) -> None:
+    args = multi_source(tmp_path)
+    args.load_async = True
+    n = 8
+    head, tail, again, state_after = run_resume(args, k, n)
+    assert_same_batches(again, tail)
+    # The child runs the same pipeline: async batches equal the sync ones.
+    sync = PackedBatches(multi_source(tmp_path))
+    full = take(sync, k + n)
+    assert_same_batches(full[:k], head)
+    assert_same_batches(full[k:], tail)
+    # And the async state after the resumed batches is the sync state at the same point.
+    assert state_after == json.loads(json.dumps(sync.state_dict()))
+
+
+def test_async_state_before_any_batch_resumes_from_start(tmp_path: Path) -> None:
+    args = multi_source(tmp_path)
+    args.load_async = True
+    loader = build_data_loader(args)
+    try:
+        state = json.loads(json.dumps(loader.state_dict()))
+        first = take(loader, 4)
+    finally:
+        loader.close()
+    resumed = build_data_loader(args, state=state)
+    try:
+        assert_same_batches(take(resumed, 4), first)
+    finally:
+        resumed.close()
+
+
+def test_exact_resume_other_rank(tmp_path: Path) -> None:
+    args = multi_source(tmp_path)
+    _, tail, again, _ = run_resume(args, 4, 6, rank=1, world_size=2)
+    assert_same_batches(again, tail)
+    rank0 = take(PackedBatches(args, 0, 2), 10)
+    rank1 = take(PackedBatches(args, 1, 2), 10)
+    assert windows_of(rank0) != windows_of(rank1)
+
+
+def test_resume_rejects_state_with_other_sources(tmp_path: Path) -> None:
+    args = multi_source(tmp_path)
+    loader = PackedBatches(args)
+    take(loader, 2)
+    state = loader.state_dict()
+    del args.sources["books"]
+    with pytest.raises(DataError, match="sources"):
+        build_data_loader(args, state=state)
+
+
+# ---------------------------------------------------------------- bad lines
+
+
+def write_bad_source(root: Path) -> tuple[Path, Path]:
+    """web/00: malformed JSON on line 3; web/01: no `text` on line 2 (1-based)."""
+    d = root / "web"
+    d.mkdir(parents=True)
+    f0 = d / "web.chunk.00.jsonl"
+    f0.write_text(
+        "\n".join([json.dumps({"text": "good zero " * 3}), json.dumps({"text": "good one"}), '{"text": "broken',
+                   json.dumps({"text": "good three"})]) + "\n"
+    )
+    f1 = d / "web.chunk.01.jsonl"
+    f1.write_text(
+        "\n".join([json.dumps({"text": "good four"}), json.dumps({"content": "no text field"}),
+                   json.dumps({"text": "good six"})]) + "\n"
+    )
+    return f0, f1
+
+
+def drain_until_error(loader, limit: int = 200) -> str:
+    with pytest.raises(DataError) as info:
+        for _ in range(limit):
+            next(loader)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("load_async", [False, True])
+def test_malformed_json_names_file_and_line(tmp_path: Path, load_async: bool) -> None:
+    f0, _ = write_bad_source(tmp_path)
+    args = make_args(tmp_path, {"web": 1.0}, batch_size=1, seq_len=4, prefetch_size=1, load_async=load_async)
+    loader = build_data_loader(args)
+    try:
+        msg = drain_until_error(loader)
+    finally:
+        loader.close()
+    assert f"{f0}:3" in msg and "JSON" in msg
+
+
+@pytest.mark.parametrize("load_async", [False, True])
+def test_line_without_text_names_file_and_line(tmp_path: Path, load_async: bool) -> None:
+    _, f1 = write_bad_source(tmp_path)
+    # Give web/00 its own rank (2 files, 2 ranks): rank 1 reads only web/01.
+    args = make_args(tmp_path, {"web": 1.0}, batch_size=1, seq_len=4, prefetch_size=1, load_async=load_async)
+    loader = build_data_loader(args, rank=1, world_size=2)
+    try:
+        msg = drain_until_error(loader)
+    finally:
+        loader.close()
+    assert f"{f1}:2" in msg and "'text'" in msg
+
+
+@pytest.mark.parametrize("line", ['{"text": 5}', "[1, 2]", '"just a string"', "not json at all"])
+def test_other_bad_lines_name_line(tmp_path: Path, line: str) -> None:
+    d = tmp_path / "web"
+    d.mkdir()
+    f = d / "web.chunk.00.jsonl"
+    f.write_text(json.dumps({"text": "ok"}) + "\n\n" + line + "\n")
+    reader = JSONLReader(assign_files([f], 0, 1))
+    assert next(reader) == "ok"
+    with pytest.raises(DataError, match=f"{f}:3"):
+        next(reader)
+
+
+def test_skip_bad_lines_continues_and_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    f0, f1 = write_bad_source(tmp_path)
+    reader = JSONLReader(assign_files([f0, f1], 0, 1), skip_bad_lines=True)
+    with caplog.at_level(logging.WARNING, logger="lingua.data"):
+        docs = read_one_epoch(reader)
+    assert docs == ["good zero " * 3, "good one", "good three", "good four", "good six"]
+    assert reader.skipped == 2
+    assert any("skipped" in r.getMessage() and "on_bad_line" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("load_async", [False, True])
+def test_on_bad_line_skip_in_loader(tmp_path: Path, load_async: bool) -> None:
+    write_bad_source(tmp_path)
+    args = make_args(tmp_path, {"web": 1.0}, batch_size=2, seq_len=32, prefetch_size=2,
+                     load_async=load_async, on_bad_line="skip")
+    loader = build_data_loader(args)
+    try:
+        batches = take(loader, 30)  # several epochs over the good lines
+    finally:
+        loader.close()
+    windows = [bytes(t for t in w if t < 256) for w in windows_of(batches)]  # each one contiguous text
+    for good in (b"good one", b"good three", b"good four", b"good six"):
+        assert any(good in w for w in windows), good
+    assert not any(b"broken" in w or b"no text" in w or b"content" in w for w in windows)
+
+
+def test_source_of_only_blank_or_bad_lines_errors(tmp_path: Path) -> None:
+    d = tmp_path / "web"
+    d.mkdir()
+    f = d / "web.chunk.00.jsonl"
+    f.write_text('\n{"bad": 1}\n\n')
+    reader = JSONLReader(assign_files([f], 0, 1), skip_bad_lines=True)
+    with pytest.raises(DataError, match="no documents"):
+        next(reader)

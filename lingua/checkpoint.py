@@ -112,7 +112,10 @@ class CheckpointManager:
         params: dict,
         step: int,
         dp_rank: int = 0,
+        write_train_state: bool = True,
     ) -> Path:
+        """Collective: every rank calls it. `write_train_state` is False on ranks whose data-
+        parallel replica already writes the same train state (tensor-parallel peers)."""
         final = self.path / f"{step:010d}"
         if final.exists():
             logger.info("checkpoint %s already exists; not saving again", final)
@@ -127,7 +130,8 @@ class CheckpointManager:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(state, checkpoint_id=str(tmp))
-        _write_json(train_state_file(tmp, dp_rank), train_state)
+        if write_train_state:
+            _write_json(train_state_file(tmp, dp_rank), train_state)
         if _rank() == 0:
             _write_json(tmp / "params.json", params)
         _barrier()

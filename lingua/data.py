@@ -281,16 +281,19 @@ class PackedBatches:
             s.reader.close()
 
 
-def _produce(args: DataArgs, rank: int, world_size: int, state: Optional[dict], out: Any, stop: Any) -> None:
-    """Child process body: send (input, label, state after batch), or ("error", message)."""
+def _produce(
+    args: DataArgs, rank: int, world_size: int, state: Optional[dict], out: Any, stop: Any, parent: int
+) -> None:
+    """Child process body: send (input, label, state after batch), or ("error", message).
+    Exits when told to or when the trainer is gone (a SIGKILLed parent cannot tell it)."""
     try:
         batches = PackedBatches(args, rank, world_size)
         if state is not None:
             batches.load_state_dict(state)
-        while not stop.is_set():
+        while not stop.is_set() and os.getppid() == parent:
             x, y = next(batches)
             item = (x, y, batches.state_dict())
-            while not stop.is_set():
+            while not stop.is_set() and os.getppid() == parent:
                 try:
                     out.put(item, timeout=0.1)
                     break
@@ -309,7 +312,7 @@ class AsyncBatches:
         self.stop = ctx.Event()
         self.state = state if state is not None else PackedBatches(args, rank, world_size).state_dict()
         self.process = ctx.Process(
-            target=_produce, args=(args, rank, world_size, state, self.queue, self.stop), daemon=True
+            target=_produce, args=(args, rank, world_size, state, self.queue, self.stop, os.getpid()), daemon=True
         )
         self.process.start()
 

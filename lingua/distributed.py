@@ -1,18 +1,23 @@
-"""Process environment and parallelism config.
+"""Processes, device meshes and model parallelism.
 
-`DistributedArgs` / `EnvironmentArgs` carry Meta Lingua's field names. `world_info()` reads
-rank and world size from torchrun or SLURM (srun without torchrun), or runs one process.
-The sharding itself (TP -> FSDP2 -> AC -> compile) is `parallelize_model`, built on these.
+`world_info()` reads rank and world size from torchrun, from SLURM (srun without torchrun)
+or runs one process; `init_distributed` starts the process group (nccl with GPUs, gloo
+without); `build_mesh` lays out (dp_replicate, dp_shard, tp); `parallelize_model` applies
+the TP plan, then FSDP2 `fully_shard` per block and on the root, then selective activation
+checkpointing, then torch.compile. Field names follow Meta Lingua.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from lingua.args import choice
 
@@ -21,11 +26,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DistributedArgs:
-    dp_shard: int = 1
+    dp_shard: int = 1  # -1: all ranks left after dp_replicate and tp
     dp_replicate: int = 1
     tp_size: int = 1
     selective_activation_checkpointing: bool = False
     compile: bool = False
+    # full_shard frees gathered parameters after forward (ZeRO-3); no_shard keeps them until
+    # backward (ZeRO-2: less communication, more memory). Both shard gradients and optimizer.
     fsdp_type: str = choice("no_shard", ("no_shard", "full_shard"))
     model_dtype: str = choice("bf16", ("bf16", "fp16", "fp32"))
     float8_recipe: Optional[str] = None
@@ -85,6 +92,43 @@ def world_info(env: Optional[dict] = None) -> WorldInfo:
     return WorldInfo(0, 0, 1, 1, "single")
 
 
+def slurm_master_addr(nodelist: str) -> str:
+    """First host of a SLURM nodelist, expanded by `scontrol show hostnames` (n[1-2] -> n1)."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def slurm_master_port(job_id: str) -> int:
+    """A port derived from the job id, so concurrent jobs on one node do not collide."""
+    return 20000 + int(job_id) % 20000
+
+
+def init_distributed(world: WorldInfo, env: Optional[dict] = None) -> None:
+    """Start the default process group for a multi-process run (no-op for one process)."""
+    if world.world_size == 1 or dist.is_initialized():
+        return
+    env = os.environ if env is None else env
+    if world.launcher == "slurm":
+        env.setdefault("MASTER_ADDR", slurm_master_addr(env["SLURM_JOB_NODELIST"]))
+        env.setdefault("MASTER_PORT", str(slurm_master_port(env["SLURM_JOB_ID"])))
+        env.setdefault("RANK", str(world.rank))
+        env.setdefault("WORLD_SIZE", str(world.world_size))
+        env.setdefault("LOCAL_RANK", str(world.local_rank))
+    if torch.cuda.is_available():
+        dist.init_process_group("nccl", device_id=torch.device("cuda", world.local_rank))
+    else:
+        dist.init_process_group("gloo")
+
+
+def clean_env() -> dict:
+    """This process's environment without SLURM / torchrun variables, for launching child jobs
+    (an sbatch from inside a job would otherwise inherit the parent job's allocation)."""
+    prefixes = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "TORCHELASTIC_")
+    names = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+             "MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS"}
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k not in names}
+
+
 def setup_env(args: EnvironmentArgs) -> None:
     for f in fields(args):
         value = getattr(args, f.name)
@@ -107,10 +151,136 @@ def set_cpu_threads(info: WorldInfo) -> None:
     torch.set_num_threads(max(1, cores // max(1, info.local_world_size)))
 
 
-def compile_blocks(model: torch.nn.Module, cache_size_limit: int = 8) -> torch.nn.Module:
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+
+def parallel_dims(args: DistributedArgs, world_size: int) -> ParallelDims:
+    """Check that dp_replicate x dp_shard x tp_size covers the world exactly (dp_shard=-1 fills)."""
+    dp_shard = args.dp_shard
+    if dp_shard == -1:
+        dp_shard, rest = divmod(world_size, args.dp_replicate * args.tp_size)
+        if rest or dp_shard < 1:
+            raise ValueError(f"world size {world_size} is not divisible by distributed.dp_replicate x tp_size "
+                             f"= {args.dp_replicate * args.tp_size}")
+    dims = ParallelDims(args.dp_replicate, dp_shard, args.tp_size)
+    if min(dims.dp_replicate, dims.dp_shard, dims.tp) < 1 or dims.dp * dims.tp != world_size:
+        raise ValueError(
+            f"distributed.dp_replicate={dims.dp_replicate} x dp_shard={dims.dp_shard} x tp_size={dims.tp} "
+            f"= {dims.dp * dims.tp} must equal the number of processes ({world_size}); "
+            "set distributed.dp_shard=-1 to use all remaining ranks"
+        )
+    return dims
+
+
+def build_mesh(dims: ParallelDims, device_type: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard, dims.tp),
+                            mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+
+
+def dp_rank_and_size(mesh) -> tuple[int, int]:
+    """This rank's index among data-parallel replicas (ranks of one TP group share data)."""
+    if mesh is None:
+        return 0, 1
+    r, s = mesh["dp_replicate"], mesh["dp_shard"]
+    return r.get_local_rank() * s.size() + s.get_local_rank(), r.size() * s.size()
+
+
+def tp_rank(mesh) -> int:
+    return 0 if mesh is None else mesh["tp"].get_local_rank()
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Megatron-style: q/k/v and w1/w3 split by output columns, wo and w2 by input rows, so each
+    rank holds n_heads/tp heads and 1/tp of the FFN; one all-reduce after each sublayer.
+    Embeddings, norms and the output layer stay replicated."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp = tp_mesh.size()
+    for block in model.layers:
+        attn = block.attention
+        if attn.n_heads % tp or attn.n_kv_heads % tp:
+            raise ValueError(f"model.n_heads={attn.n_heads} and n_kv_heads={attn.n_kv_heads} must be divisible "
+                             f"by distributed.tp_size={tp}")
+        plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel()}
+        ffn = block.feed_forward
+        if all(hasattr(ffn, n) for n in ("w1", "w2", "w3")):
+            plan.update({"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                         "feed_forward.w2": RowwiseParallel()})
+        parallelize_module(block, tp_mesh, plan)
+
+
+def apply_fsdp(model: nn.Module, mesh, dims: ParallelDims, args: DistributedArgs, device: torch.device) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    # CPU runs in fp32: bf16 matmuls are slow there and the tests compare with fp32 exactly.
+    param_dtype = dtypes[args.model_dtype] if device.type == "cuda" else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    reshard = args.fsdp_type == "full_shard"
+    for block in model.layers:
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=True)
+
+
+def compile_blocks(model: nn.Module, cache_size_limit: int = 8) -> nn.Module:
     """torch.compile each transformer block in place (parameter names unchanged, so
     checkpoints stay interchangeable with eager runs), as torchtitan does."""
     torch._dynamo.config.cache_size_limit = cache_size_limit
     for block in model.layers:
         block.compile()
     return model
+
+
+def parallelize_model(model: nn.Module, mesh, dims: Optional[ParallelDims], args: DistributedArgs,
+                      device: torch.device) -> nn.Module:
+    """TP -> FSDP2 -> selective activation checkpointing -> compile, each only when asked."""
+    if args.float8_recipe is not None:
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"distributed.float8_recipe={args.float8_recipe!r} needs a GPU with float8 "
+                             "(compute capability >= 8.9, e.g. H100); unset it on this machine")
+        raise ValueError("distributed.float8_recipe: float8 training (torchao) is not wired in yet; unset it")
+    if dims is not None and dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if dims is not None and dims.dp > 1:
+        apply_fsdp(model, mesh, dims, args, device)
+    if args.selective_activation_checkpointing:
+        for block in model.layers:
+            block.activation_checkpointing = True
+    if args.compile:
+        compile_blocks(model, args.compile_cache_size_limit)
+    return model
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global grad-norm clipping that also works when plain tensors and DTensors on different
+    meshes mix (TP + replicated norms, FSDP 1D + 2D), where torch's foreach version cannot."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    norms = []
+    for g in grads:
+        n = torch.linalg.vector_norm(g, 2, dtype=torch.float32)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    total = torch.linalg.vector_norm(torch.stack(norms), 2)
+    if max_norm and max_norm > 0:
+        coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))
+        for g in grads:
+            g.mul_(coef)
+    return total

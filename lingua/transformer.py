@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lingua.args import choice
 
@@ -71,8 +72,35 @@ def depth_init_factor(args: BaseTransformerArgs, layer_id: int) -> float:
     }[args.init_std_factor]
 
 
-def trunc_normal_(weight: torch.Tensor, std: float) -> None:
-    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+class ParamInit:
+    """Initialises parameters from one seeded generator, drawing each full tensor on CPU and
+    copying in this rank's part. The values depend only on the seed and the module order,
+    not on the device or how the model is sharded, so an FSDP/TP model starts exactly where
+    a single-process one does (and meta-device models materialise without a full copy)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def trunc_normal_(self, param: torch.Tensor, std: float) -> None:
+        full = torch.empty(param.shape, dtype=torch.float32)
+        nn.init.trunc_normal_(full, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=self.generator)
+        copy_full_into(param, full)
+
+    def ones_(self, param: torch.Tensor) -> None:
+        copy_full_into(param, torch.ones(param.shape))
+
+
+@torch.no_grad()
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) tensor into a plain or DTensor parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        # Every rank holds the same full tensor: slice locally, no communication.
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(full)
 
 
 class RMSNorm(nn.Module):
@@ -85,8 +113,8 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 so bf16 activations do not lose the small-variance tail.
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+    def reset_parameters(self, init: ParamInit) -> None:
+        init.ones_(self.weight)
 
 
 class RotaryEmbedding(nn.Module):
@@ -182,9 +210,10 @@ class Attention(nn.Module):
         start: int = 0,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        # -1 heads: under tensor parallelism this rank holds n_heads / tp of them.
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         if kv_cache is not None:
@@ -203,7 +232,7 @@ class Attention(nn.Module):
         if impl == "flex":
             return self._flex(q, k, v)
         q_len, kv_len = q.shape[2], k.shape[2]
-        gqa = self.n_heads != self.n_kv_heads
+        gqa = q.shape[1] != k.shape[1]
         if self.sliding_window is None and q_len == kv_len:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = _causal_mask(q_len, kv_len, self.sliding_window, q.device)
@@ -241,12 +270,12 @@ class Attention(nn.Module):
             return keep
 
         block_mask = create_block_mask(causal, None, None, q_len, kv_len, device=q.device)
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
-    def reset_parameters(self, init_std: float, factor: float) -> None:
+    def reset_parameters(self, init: ParamInit, init_std: float, factor: float) -> None:
         for w in (self.wq, self.wk, self.wv):
-            trunc_normal_(w.weight, init_std)
-        trunc_normal_(self.wo.weight, init_std / factor)
+            init.trunc_normal_(w.weight, init_std)
+        init.trunc_normal_(self.wo.weight, init_std / factor)
 
 
 class FeedForward(nn.Module):
@@ -261,10 +290,30 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def reset_parameters(self, init_std: float, factor: float) -> None:
-        trunc_normal_(self.w1.weight, init_std)
-        trunc_normal_(self.w3.weight, init_std)
-        trunc_normal_(self.w2.weight, self.w2.in_features**-0.5 / factor)
+    def reset_parameters(self, init: ParamInit, init_std: float, factor: float) -> None:
+        init.trunc_normal_(self.w1.weight, init_std)
+        init.trunc_normal_(self.w3.weight, init_std)
+        init.trunc_normal_(self.w2.weight, self.w2.in_features**-0.5 / factor)
+
+
+# Selective activation checkpointing: keep the outputs of matmuls and attention (expensive to
+# recompute), recompute the cheap elementwise ops (norms, SiLU, RoPE, residual adds).
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _sac_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_checkpoint_context():
+    return create_selective_checkpoint_contexts(_sac_policy)
 
 
 class TransformerBlock(nn.Module):
@@ -277,6 +326,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = feed_forward
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # Set by parallelize_model; a flag, not a wrapper module, so parameter names stay put.
+        self.activation_checkpointing = False
 
     def attention_branch(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
         return self.attention(self.attention_norm(x), rope, kv_cache, start)
@@ -285,15 +336,20 @@ class TransformerBlock(nn.Module):
         return self.feed_forward(self.ffn_norm(x))
 
     def forward(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None:
+            return checkpoint(self._forward, x, rope, use_reentrant=False, context_fn=selective_checkpoint_context)
+        return self._forward(x, rope, kv_cache, start)
+
+    def _forward(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
         h = x + self.attention_branch(x, rope, kv_cache, start)
         return h + self.feed_forward_branch(h)
 
-    def reset_parameters(self, init_std: float, factor: float) -> None:
-        self.attention.reset_parameters(init_std, factor)
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        if hasattr(self.feed_forward, "reset_parameters"):
-            self.feed_forward.reset_parameters(init_std, factor)
+    def reset_parameters(self, init: ParamInit, init_std: float, factor: float) -> None:
+        """A swapped-in FFN must offer reset_parameters(init, init_std, factor) too."""
+        self.attention.reset_parameters(init, init_std, factor)
+        self.attention_norm.reset_parameters(init)
+        self.ffn_norm.reset_parameters(init)
+        self.feed_forward.reset_parameters(init, init_std, factor)
 
 
 class BaseTransformer(nn.Module):
@@ -321,10 +377,10 @@ class BaseTransformer(nn.Module):
     def init_std(self) -> float:
         return self.init_base_std or self.args.dim**-0.5
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, init: ParamInit) -> None:
         self.rope.reset_parameters()
         for layer in self.layers:
-            layer.reset_parameters(self.init_std(), depth_init_factor(self.args, layer.layer_id))
+            layer.reset_parameters(init, self.init_std(), depth_init_factor(self.args, layer.layer_id))
 
 
 def matmul_flops_per_token(n_matmul_params: int, n_layers: int, dim: int, seq_len: int) -> float:

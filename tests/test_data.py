@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 from pathlib import Path
 import numpy as np
 import pytest
@@ -437,3 +438,42 @@ def test_source_of_only_blank_or_bad_lines_errors(tmp_path: Path) -> None:
     reader = JSONLReader(assign_files([f], 0, 1), skip_bad_lines=True)
     with pytest.raises(DataError, match="no documents"):
         next(reader)
+
+
+def test_async_loader_child_exits_when_the_trainer_is_killed(tmp_path):
+    """A SIGKILLed trainer cannot stop its loader; the child must notice and exit."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    root = tmp_path / "data"
+    (root / "s").mkdir(parents=True)
+    with open(root / "s" / "s.chunk.00.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"text": f"document {i} " * 20}) + "\n")
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from lingua.data import DataArgs, build_data_loader
+        loader = build_data_loader(DataArgs(root_dir={str(root)!r}, sources={{"s": 1.0}}, batch_size=2,
+                                            seq_len=16, prefetch_size=2, load_async=True))
+        next(loader)
+        print(loader.process.pid, flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:  # gone, or a zombie nobody reaps (state Z): either way it stopped running
+            if Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the data loader process outlived its killed trainer")

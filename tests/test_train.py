@@ -25,29 +25,33 @@ def test_killed_run_resumes_with_identical_losses(corpus, tmp_path):
     """SIGKILL at a random step after the first checkpoint; the resumed run must log
     bit-identical losses to an uninterrupted one (async data loader, CPU, deterministic)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    argv = lambda d: tiny_overrides(corpus, d, steps=16, **{"data.load_async": "true"})  # noqa: E731
+    # 60 fast steps, killed within the first half: margin enough that the kill always lands.
+    argv = lambda d: tiny_overrides(corpus, d, steps=60, **{"data.load_async": "true"})  # noqa: E731
     done = run_module("apps.main.train", argv(a))
     assert done.returncode == 0, done.stderr[-2000:]
 
-    kill_after = random.Random().randint(5, 14)
+    kill_after = random.Random().randint(5, 30)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "apps.main.train", *argv(b)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if (b / "metrics.jsonl").exists() and max(read_losses(b), default=0) >= kill_after:
-            break
-        time.sleep(0.02)
+        try:
+            if (b / "metrics.jsonl").exists() and max(read_losses(b), default=0) >= kill_after:
+                break
+        except json.JSONDecodeError:  # caught the trainer mid-line
+            pass
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(read_losses(b))
-    assert killed_at < 16, "the run finished before it could be killed"
+    assert killed_at < 60, "the run finished before it could be killed"
     assert list_checkpoints(b / "checkpoints"), "no checkpoint before the kill"
 
     resumed = run_module("apps.main.train", argv(b))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     la, lb = read_losses(a), read_losses(b)
-    assert sorted(la) == sorted(lb) == list(range(1, 17))
+    assert sorted(la) == sorted(lb) == list(range(1, 61))
     assert [la[s] for s in la] == [lb[s] for s in la], f"losses differ after resume (killed at step {killed_at})"
 
 

@@ -8,6 +8,7 @@ clipping -> metrics, checkpoints, validation. Other apps reuse `train` by passin
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import os
@@ -19,21 +20,37 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from apps.main.eval import EvalArgs, run_validation
 from apps.main.transformer import LMTransformer, LMTransformerArgs, build_model
 from lingua.args import ConfigError, cli_main, dump_config, from_dict, to_dict
-from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_and_optim, load_model_weights
+from lingua.checkpoint import (
+    CheckpointArgs,
+    CheckpointManager,
+    load_model_and_optim,
+    load_model_weights,
+    train_state_file,
+)
 from lingua.data import DataArgs, DataError, build_data_loader, source_files
 from lingua.distributed import (
     DistributedArgs,
     EnvironmentArgs,
-    compile_blocks,
+    ParallelDims,
+    WorldInfo,
+    build_mesh,
+    clip_grad_norm_,
     default_device,
+    dp_rank_and_size,
+    init_distributed,
+    parallel_dims,
+    parallelize_model,
     set_cpu_threads,
     setup_env,
+    tp_rank,
     world_info,
 )
+from lingua.transformer import ParamInit
 from lingua.logger import init_logger
 from lingua.metrics import LoggingArgs, MetricLogger, peak_flops
 from lingua.optim import OptimArgs, build_optimizer
@@ -84,7 +101,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def validate_args(args: TrainArgs) -> Optional[EvalArgs]:
+def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, ParallelDims]:
     """Everything that can be checked before any work: fails with the key at fault."""
     if not args.dump_dir:
         raise ConfigError("dump_dir is required (e.g. dump_dir=./dump/debug)")
@@ -100,12 +117,11 @@ def validate_args(args: TrainArgs) -> Optional[EvalArgs]:
         logger.warning("probe_freq is set but probing is not implemented; ignoring it")
     eval_args = from_dict(EvalArgs, args.eval) if args.eval is not None else None
     world = world_info()
-    if world.world_size > 1:
-        raise ConfigError(
-            f"{world.world_size} processes launched ({world.launcher}), but multi-process training "
-            "(FSDP2 / TP via lingua.distributed.parallelize_model) is not in this build yet: run one process"
-        )
-    return eval_args
+    try:
+        dims = parallel_dims(args.distributed, world.world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return eval_args, world, dims
 
 
 def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +129,56 @@ def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     return torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
 
 
-def train(args: TrainArgs, build_model_fn: Callable[[LMTransformerArgs], LMTransformer] = build_model) -> TrainState:
-    eval_args = validate_args(args)
+def setup_model(
+    args: TrainArgs, mesh, dims: ParallelDims, device: torch.device, build_model_fn: Callable = build_model
+) -> LMTransformer:
+    """Build on the meta device, shard, then materialise and initialise only this rank's part."""
+    model = build_model_fn(args.model, "meta")
+    model = parallelize_model(model, mesh, dims, args.distributed, device)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.reset_parameters(ParamInit(args.model.seed))
+    return model
+
+
+def train_step(model, optimizer, scheduler, micro_batches, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over grad-accumulation micro-batches; returns (local mean loss, grad norm)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
+    for x, y in micro_batches:
+        loss = model(x, target=y)
+        (loss / len(micro_batches)).backward()
+        loss_sum += loss.detach()
+    grad_norm = clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    scheduler.step()
+    return loss_sum / len(micro_batches), grad_norm
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """Mean of a scalar over all ranks (data-parallel ranks differ; TP ranks agree)."""
+    if dist.is_initialized():
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def _load_train_state(ckpt: CheckpointManager, latest: Path, model, optimizer, dp_rank: int, dp_size: int) -> TrainState:
+    saved = ckpt.load(latest, model, optimizer, dp_rank=dp_rank)
+    if saved is None or saved.get("dp_size", dp_size) != dp_size:
+        # Model and optimizer reshard freely (DCP); a data position does not carry over to a
+        # different number of data-parallel readers.
+        logger.warning("checkpoint %s was saved with a different data-parallel size; model and optimizer "
+                       "are loaded, the data loader restarts from the beginning of its shard", latest)
+        step = json.loads(train_state_file(latest, 0).read_text())["step"] if saved is None else saved["step"]
+        saved = {**(saved or {}), "step": step, "data_loader": None}
+    saved.pop("dp_size", None)
+    return TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
+
+
+def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState:
+    eval_args, world, dims = validate_args(args)
     source_files(args.data)  # data errors before any work, naming the source
     tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
     if args.model.vocab_size <= 0:
@@ -122,31 +186,31 @@ def train(args: TrainArgs, build_model_fn: Callable[[LMTransformerArgs], LMTrans
     elif args.model.vocab_size < tokenizer.n_words:
         raise ConfigError(f"model.vocab_size={args.model.vocab_size} < tokenizer n_words={tokenizer.n_words}")
 
-    world = world_info()
     dump_dir = Path(args.dump_dir)
     dump_dir.mkdir(parents=True, exist_ok=True)
     init_logger(world.rank, str(dump_dir / "train.log") if world.rank == 0 else None)
     setup_env(args.env)
     set_cpu_threads(world)
     device = default_device(world.local_rank)
+    init_distributed(world)
+    mesh = build_mesh(dims, device.type) if world.world_size > 1 else None
+    dp_rank, dp_size = dp_rank_and_size(mesh)
     if world.rank == 0:
         dump_config(args, dump_dir / "config.yaml")
+        logger.info("%d process(es) via %s: dp_replicate=%d dp_shard=%d tp=%d on %s", world.world_size,
+                    world.launcher, dims.dp_replicate, dims.dp_shard, dims.tp, device)
     torch.manual_seed(args.seed)
 
-    model = build_model_fn(args.model).to(device)
-    if args.distributed.compile:
-        compile_blocks(model, args.distributed.compile_cache_size_limit)
+    model = setup_model(args, mesh, dims, device, build_model_fn)
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
     ckpt = CheckpointManager(args.checkpoint, dump_dir)
     ckpt.remove_stale_tmp()
     state = TrainState()
     latest = ckpt.latest()
     if latest is not None:
-        saved = ckpt.load(latest, model, optimizer, dp_rank=world.rank)
-        if saved is None:
-            raise FileNotFoundError(f"{latest} has no train state for data-parallel rank {world.rank}")
-        state = TrainState(**saved)
-        scheduler.load_state_dict(state.scheduler)
+        state = _load_train_state(ckpt, latest, model, optimizer, dp_rank, dp_size)
+        if state.scheduler is not None:
+            scheduler.load_state_dict(state.scheduler)
         logger.info("resumed from %s at step %d", latest, state.step)
     elif args.checkpoint.init_ckpt_path:
         if args.checkpoint.continue_training_from_init:
@@ -161,40 +225,32 @@ def train(args: TrainArgs, build_model_fn: Callable[[LMTransformerArgs], LMTrans
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.flops_per_token(args.data.seq_len)
     peak, peak_source = peak_flops(device)
-    logger.info("model: %.2fM parameters, %.1f MFLOP/token; MFU against %s (%.1f GFLOP/s)",
+    logger.info("model: %.2fM parameters (this rank), %.1f MFLOP/token; MFU against %s (%.1f GFLOP/s)",
                 n_params / 1e6, flops_per_token / 1e6, peak_source, peak / 1e9)
     gc.disable()  # collect on our schedule: an untimely collection stalls a step
 
     with ExitStack() as stack:
-        loader = build_data_loader(args.data, world.rank, world.world_size, state.data_loader)
+        loader = build_data_loader(args.data, dp_rank, dp_size, state.data_loader)
         stack.callback(loader.close)
-        metrics = stack.enter_context(
-            MetricLogger(dump_dir / "metrics.jsonl", args.logging.wandb, to_dict(args) if world.rank == 0 else None)
-        )
+        metrics = None
+        if world.rank == 0:
+            metrics = stack.enter_context(MetricLogger(dump_dir / "metrics.jsonl", args.logging.wandb, to_dict(args)))
         profiler = stack.enter_context(maybe_profile(args.profiling, str(dump_dir), world.rank))
-        tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * world.world_size
+        tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * dp_size
         window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
         model.train()
         while state.step < args.steps:
             step_start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for _ in range(args.grad_acc_steps):
-                t0 = time.perf_counter()
-                x, y = _to_device(next(loader), device)
-                data_time += time.perf_counter() - t0
-                loss = model(x, target=y)
-                (loss / args.grad_acc_steps).backward()
-                loss_sum += loss.detach()
-            loss_value = float(loss_sum) / args.grad_acc_steps
+            t0 = time.perf_counter()
+            micro_batches = [_to_device(next(loader), device) for _ in range(args.grad_acc_steps)]
+            data_time += time.perf_counter() - t0
+            local_loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip)
+            loss_value = mean_over_ranks(local_loss)
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(
                     f"loss is {loss_value} at step {state.step + 1}: stopping; last good checkpoint: "
                     f"{ckpt.latest() or 'none'}"
                 )
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.optim.clip or float("inf"))
-            optimizer.step()
-            scheduler.step()
             state.step += 1
             state.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
@@ -204,19 +260,19 @@ def train(args: TrainArgs, build_model_fn: Callable[[LMTransformerArgs], LMTrans
 
             if state.step % args.logging.freq == 0 or state.step in (1, args.steps):
                 now = time.perf_counter()
-                elapsed = now - window_start
-                wps = window_tokens / elapsed
-                metrics.log({
-                    "global_step": state.step,
-                    "loss/out": loss_value,
-                    "optim": {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "total_tokens": state.tokens_seen},
-                    "speed": {"wps": wps, "FLOPS": wps * flops_per_token, "MFU": wps * flops_per_token / peak,
-                              "curr_iter_time": now - step_start, "data_load_time": data_time},
-                })
+                wps = window_tokens / (now - window_start)
+                mfu = wps * flops_per_token / (peak * world.world_size)
+                if metrics is not None:
+                    metrics.log({
+                        "global_step": state.step,
+                        "loss/out": loss_value,
+                        "optim": {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                                  "total_tokens": state.tokens_seen},
+                        "speed": {"wps": wps, "FLOPS": wps * flops_per_token, "MFU": mfu,
+                                  "curr_iter_time": now - step_start, "data_load_time": data_time},
+                    })
                 logger.info("step %d  loss %.4f  lr %.2e  gnorm %.3f  %.0f tok/s  MFU %.2f  data %.3fs",
-                            state.step, loss_value, scheduler.get_last_lr()[0], float(grad_norm), wps,
-                            wps * flops_per_token / peak, data_time)
+                            state.step, loss_value, scheduler.get_last_lr()[0], float(grad_norm), wps, mfu, data_time)
                 window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
 
             dump_due = state.step % args.checkpoint.dump.every == 0 or state.step == args.steps
@@ -224,10 +280,11 @@ def train(args: TrainArgs, build_model_fn: Callable[[LMTransformerArgs], LMTrans
             if dump_due or eval_due:
                 state.data_loader = loader.state_dict()
                 state.scheduler = scheduler.state_dict()
-                ckpt.save(model, optimizer, state.to_json(), to_dict(args), state.step, dp_rank=world.rank)
+                train_state = {**state.to_json(), "dp_size": dp_size}
+                ckpt.save(model, optimizer, train_state, to_dict(args), state.step, dp_rank=dp_rank,
+                          write_train_state=tp_rank(mesh) == 0)
             if eval_due:
-                results = run_validation(model, tokenizer, eval_args.validation, args.data, device,
-                                         world.rank, world.world_size)
+                results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank, dp_size)
                 if world.rank == 0:
                     out = Path(eval_args.metric_log_dir or dump_dir)
                     with MetricLogger(out / "metrics.validation.jsonl") as m:

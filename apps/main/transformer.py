@@ -17,9 +17,9 @@ from lingua.transformer import (
     BaseTransformer,
     BaseTransformerArgs,
     KVCache,
+    ParamInit,
     RMSNorm,
     matmul_flops_per_token,
-    trunc_normal_,
 )
 
 IGNORE_INDEX = -100
@@ -58,13 +58,13 @@ class LMTransformer(BaseTransformer):
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
+    def reset_parameters(self, init: ParamInit) -> None:
+        super().reset_parameters(init)
         std = self.init_std()
-        trunc_normal_(self.tok_embeddings.weight, std)
-        self.norm.reset_parameters()
+        init.trunc_normal_(self.tok_embeddings.weight, std)
+        self.norm.reset_parameters(init)
         if not self.weight_tying:
-            trunc_normal_(self.output.weight, std)
+            init.trunc_normal_(self.output.weight, std)
 
     def new_kv_caches(self, batch: int, max_len: int) -> list[KVCache]:
         n_heads, n_kv_heads, head_dim = self.args.resolved_heads()
@@ -83,10 +83,9 @@ class LMTransformer(BaseTransformer):
 
 
 def build_model(args: LMTransformerArgs, device: torch.device | str = "cpu") -> LMTransformer:
-    """Build and initialise deterministically from args.seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        with torch.device(device):
-            model = LMTransformer(args)
-        model.reset_parameters()
+    """Build and initialise from args.seed (the same values on any device or sharding)."""
+    with torch.device(device):
+        model = LMTransformer(args)
+    if torch.device(device).type != "meta":
+        model.reset_parameters(ParamInit(args.seed))
     return model

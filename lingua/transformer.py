@@ -296,24 +296,32 @@ class FeedForward(nn.Module):
         init.trunc_normal_(self.w2.weight, self.w2.in_features**-0.5 / factor)
 
 
-# Selective activation checkpointing: keep the outputs of matmuls and attention (expensive to
-# recompute), recompute the cheap elementwise ops (norms, SiLU, RoPE, residual adds).
-_SAVE_OPS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten.addmm.default,
-    torch.ops.aten.bmm.default,
+# Selective activation checkpointing: keep attention outputs and every other matmul output
+# (expensive to recompute), recompute the rest: the other matmuls and the cheap elementwise
+# ops (norms, SiLU, RoPE, residual adds). The matmul count restarts for the recompute pass,
+# so both passes make the same choices.
+_ATTENTION_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
-
-
-def _sac_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+_MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
 
 def selective_checkpoint_context():
-    return create_selective_checkpoint_contexts(_sac_policy)
+    matmuls = {"forward": 0, "recompute": 0}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in _ATTENTION_OPS:
+            return CheckpointPolicy.MUST_SAVE
+        if op in _MATMUL_OPS:
+            mode = "recompute" if ctx.is_recompute else "forward"
+            matmuls[mode] += 1
+            if matmuls[mode] % 2 == 1:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 class TransformerBlock(nn.Module):

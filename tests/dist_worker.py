@@ -1,0 +1,83 @@
+"""Runs a few training steps of a tiny model on fixed global batches with the trainer's own
+setup (meta build, TP -> FSDP2 -> SAC, init, AdamW, clipping), under torchrun or alone, and
+saves per-step losses, full gradients and parameters for tests/test_distributed.py.
+
+    torchrun --nproc-per-node 2 tests/dist_worker.py OUT.pt distributed.dp_shard=2
+    python tests/dist_worker.py OUT.pt
+Extra `key=value` arguments are TrainArgs overrides. `load=CKPT` resumes model and optimizer
+from a checkpoint first and runs two steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from apps.main.train import TrainArgs, mean_over_ranks, setup_model, train_step  # noqa: E402
+from lingua.args import load_config  # noqa: E402
+from lingua.checkpoint import load_model_and_optim  # noqa: E402
+from lingua.distributed import (  # noqa: E402
+    build_mesh,
+    dp_rank_and_size,
+    init_distributed,
+    parallel_dims,
+    set_cpu_threads,
+    world_info,
+)
+from lingua.optim import build_optimizer  # noqa: E402
+
+GLOBAL_BATCH, SEQ, VOCAB, STEPS = 4, 32, 64, 5
+
+TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seqlen=32",
+        f"model.vocab_size={VOCAB}", "optim.lr=1e-2", "optim.warmup=2", "optim.clip=0.5", "steps=100",
+        "dump_dir=/unused"]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def main() -> None:
+    out, *overrides = sys.argv[1:]
+    load = [o.split("=", 1)[1] for o in overrides if o.startswith("load=")]
+    overrides = [o for o in overrides if not o.startswith("load=")]
+    args = load_config(TrainArgs, TINY + overrides)
+    world = world_info()
+    set_cpu_threads(world)
+    init_distributed(world)
+    dims = parallel_dims(args.distributed, world.world_size)
+    mesh = build_mesh(dims, "cpu") if world.world_size > 1 else None
+    dp_rank, dp_size = dp_rank_and_size(mesh)
+    model = setup_model(args, mesh, dims, torch.device("cpu"))
+    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
+    steps = STEPS
+    if load:
+        load_model_and_optim(load[0], model, optimizer)
+        steps = 2
+
+    gen = torch.Generator().manual_seed(1234)
+    result = {"loss": [], "grad_norm": [], "grads": [], "dp_size": dp_size}
+    per_rank = GLOBAL_BATCH // dp_size
+    for _ in range(steps):
+        tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+        mine = tokens[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        loss, grad_norm = train_step(model, optimizer, scheduler, [(mine[:, :-1], mine[:, 1:])], args.optim.clip)
+        result["loss"].append(mean_over_ranks(loss))
+        result["grad_norm"].append(float(full(grad_norm)))
+        result["grads"].append({n: full(p.grad) for n, p in model.named_parameters()})
+    result["params"] = {n: full(p) for n, p in model.named_parameters()}
+    if world.rank == 0:
+        torch.save(result, out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -185,3 +185,72 @@ def test_two_rank_loaders_cover_every_document_once(tmp_path, n_chunks):
     for rank in (0, 1):
         seen += _docs_of_one_epoch(PackedBatches(args, rank=rank, world_size=2))
     assert sorted(seen) == sorted(texts)
+
+
+@pytest.mark.parametrize("layout", ["distributed.dp_shard=2", "distributed.tp_size=2"])
+def test_in_loop_validation_under_two_ranks_matches_one_process(corpus, tmp_path, layout):
+    """Ranks score different documents (different numbers of forwards: FSDP must not hang) and
+    TP peers score the same ones (not counted twice): the result equals one process."""
+    def run(dump: Path, extra: list[str], nproc: int) -> dict:
+        argv = tiny_overrides(corpus, dump, steps=2, **{"checkpoint.eval.every": 2, "eval.validation.max_steps": 1000,
+                                                        "data.load_async": "false", "model.n_heads": 2})
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "apps.main.train", *argv, *extra]
+        proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(l) for l in open(dump / "metrics.validation.jsonl")][-1]
+
+    two = run(tmp_path / "two", [layout], 2)
+    # Same trained weights on one process: load the 2-rank checkpoint and validate.
+    from apps.main.eval import main as eval_main
+
+    one = eval_main([f"ckpt_dir={tmp_path / 'two'}", f"dump_dir={tmp_path / 'one'}", "validation.max_steps=1000"])
+    assert two["val/src/docs"] == one["src"]["docs"] == 6
+    assert two["val/src/tokens"] == one["src"]["tokens"]
+    assert abs(two["val/src/loss"] - one["src"]["loss"]) < 1e-5
+
+
+def test_world_info_from_torchrun_slurm_or_single():
+    from lingua.distributed import world_info
+
+    tr = world_info({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert (tr.rank, tr.world_size, tr.local_rank, tr.local_world_size, tr.launcher) == (3, 8, 1, 4, "torchrun")
+    # torchrun inside an srun allocation: torchrun's variables win over SLURM's.
+    both = world_info({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert (both.rank, both.launcher) == (1, "torchrun")
+    sl = world_info({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)"})
+    assert (sl.rank, sl.world_size, sl.local_rank, sl.local_world_size, sl.launcher) == (5, 8, 1, 4, "slurm")
+    assert world_info({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).launcher == "single"
+    assert world_info({}).world_size == 1
+
+
+def test_parallel_dims_checks_the_layout():
+    from lingua.distributed import DistributedArgs, parallel_dims
+
+    assert parallel_dims(DistributedArgs(dp_shard=-1, tp_size=2), 8).dp_shard == 4
+    with pytest.raises(ValueError, match="dp_shard=1 x tp_size=1 = 1 must equal the number of processes \\(2\\)"):
+        parallel_dims(DistributedArgs(), 2)
+    with pytest.raises(ValueError, match="not divisible"):
+        parallel_dims(DistributedArgs(dp_shard=-1, tp_size=3), 8)
+
+
+def test_clean_env_drops_launcher_variables(monkeypatch):
+    from lingua.distributed import clean_env
+
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "n1")
+    monkeypatch.setenv("KEEP_ME", "yes")
+    env = clean_env()
+    assert "SLURM_JOB_ID" not in env and "RANK" not in env and "MASTER_ADDR" not in env
+    assert env["KEEP_ME"] == "yes"
+
+
+def test_two_processes_without_a_layout_fail_clearly(corpus, tmp_path):
+    """Two processes but dp_shard=1: a clear error naming the keys, before any work."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "apps.main.train", *tiny_overrides(corpus, tmp_path / "d")]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "distributed.dp_replicate=1 x dp_shard=1 x tp_size=1" in proc.stderr
+    assert not (tmp_path / "d").exists()

@@ -89,45 +89,47 @@ def validate_file(
     rank: int = 0,
     world_size: int = 1,
 ) -> dict:
-    """Sums of NLL (nats), predicted tokens and UTF-8 bytes over this rank's documents."""
-    nll, n_tokens, n_bytes, n_docs, steps = 0.0, 0, 0, 0, 0
-    batch: list[tuple[list[int], list[int]]] = []
+    """Sums of NLL (nats), predicted tokens and UTF-8 bytes over this rank's documents.
 
-    def flush():
-        nonlocal nll, n_tokens, steps
+    In a distributed run every rank runs the same number of forward passes (padding with a
+    dummy batch), because a sharded model's forward is a collective."""
+    pieces: list[tuple[list[int], list[int]]] = []
+    n_bytes, n_docs = 0, 0
+    for doc_idx, text in enumerate(read_documents(path)):
+        if doc_idx % world_size != rank:
+            continue
+        doc_pieces = _windows(tokenizer.encode(text, add_bos=True, add_eos=True), seq_len)
+        # A document counts (its bytes for bpb) only if all of its windows are scored.
+        if max_steps is not None and n_docs and len(pieces) + len(doc_pieces) > max_steps * batch_size:
+            break
+        pieces += doc_pieces
+        n_bytes += len(text.encode("utf-8"))
+        n_docs += 1
+    batches = [pieces[i : i + batch_size] for i in range(0, len(pieces), batch_size)]
+    n_forward = len(batches)
+    if dist.is_available() and dist.is_initialized():
+        count = torch.tensor(n_forward)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        n_forward = int(count)
+
+    nll, n_tokens = 0.0, 0
+    for i in range(n_forward):
+        if i >= len(batches):
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))  # keep collectives in step
+            continue
+        batch = batches[i]
         width = max(len(x) for x, _ in batch)
         x = torch.zeros(len(batch), width, dtype=torch.long)
         y = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (xi, yi) in enumerate(batch):
-            x[i, : len(xi)] = torch.tensor(xi)
-            y[i, : len(yi)] = torch.tensor(yi)
+        for j, (xj, yj) in enumerate(batch):
+            x[j, : len(xj)] = torch.tensor(xj)
+            y[j, : len(yj)] = torch.tensor(yj)
         logits = model(x.to(device))
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         nll += loss.item()
         n_tokens += int((y != IGNORE_INDEX).sum())
-        steps += 1
-        batch.clear()
-
-    done = lambda: max_steps is not None and steps >= max_steps  # noqa: E731
-    for doc_idx, text in enumerate(read_documents(path)):
-        if doc_idx % world_size != rank:
-            continue
-        if done():
-            break
-        # A document counts whole (its bytes for bpb) only if all of its windows are scored.
-        pieces = _windows(tokenizer.encode(text, add_bos=True, add_eos=True), seq_len)
-        if max_steps is not None and steps + (len(batch) + len(pieces)) / batch_size > max_steps and n_docs:
-            break
-        n_bytes += len(text.encode("utf-8"))
-        n_docs += 1
-        for piece in pieces:
-            batch.append(piece)
-            if len(batch) == batch_size:
-                flush()
-    if batch:
-        flush()
     return {"nll": nll, "tokens": n_tokens, "bytes": n_bytes, "docs": n_docs}
 
 
@@ -139,8 +141,11 @@ def run_validation(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    replicas_per_shard: int = 1,
 ) -> dict:
-    """{source: {loss, bpb, tokens, bytes, docs}} reduced over ranks."""
+    """{source: {loss, bpb, tokens, bytes, docs}} reduced over ranks. `rank`/`world_size` are
+    data-parallel; `replicas_per_shard` ranks (tensor-parallel peers) score the same documents,
+    so the all-reduced sums are divided by it."""
     was_training = model.training
     model.eval()
     results = {}
@@ -152,6 +157,7 @@ def run_validation(
             vec = torch.tensor([sums["nll"], sums["tokens"], sums["bytes"], sums["docs"]], dtype=torch.float64)
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(vec)
+                vec /= replicas_per_shard
             nll, tokens, n_bytes, docs = vec.tolist()
             results[name] = {
                 "loss": nll / max(tokens, 1),

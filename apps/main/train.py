@@ -284,7 +284,8 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
                 ckpt.save(model, optimizer, train_state, to_dict(args), state.step, dp_rank=dp_rank,
                           write_train_state=tp_rank(mesh) == 0)
             if eval_due:
-                results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank, dp_size)
+                results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank, dp_size,
+                                         replicas_per_shard=dims.tp)
                 if world.rank == 0:
                     out = Path(eval_args.metric_log_dir or dump_dir)
                     with MetricLogger(out / "metrics.validation.jsonl") as m:

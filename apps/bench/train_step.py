@@ -29,17 +29,13 @@ from torch import nn
 
 from apps.main.transformer import LMTransformer, LMTransformerArgs, build_model
 from lingua.distributed import compile_blocks
-from lingua.metrics import gpu_peak_flops, measure_cpu_matmul_flops
+from lingua.metrics import peak_flops
 from lingua.optim import OptimArgs, build_optimizer
 
 logger = logging.getLogger(__name__)
 
 TARGET_SPEEDUP = 1.0
 TARGET_MFU = 0.5
-# The library default of 10 matmuls often catches the CPU before it is up to speed (or in a
-# busy moment) and reads low, which would flatter MFU; 50 costs about half a second.
-PEAK_MATMUL_N = 1024
-PEAK_MATMUL_REPEATS = 50
 
 
 @dataclass
@@ -249,17 +245,9 @@ def _sync_fn(device: torch.device) -> Callable[[], None]:
 
 
 def measure_peak(device: torch.device) -> tuple[float, str]:
-    """(FLOP/s, source). On CPU: a measured fp32 matmul rate; the caller takes the max of two."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_flops(name)
-        if peak is not None:
-            return peak, f"{name} bf16 dense peak (table)"
-        logger.warning("no peak FLOP/s known for %s: using the CPU matmul rate is meaningless, MFU is unreliable", name)
-    rate = measure_cpu_matmul_flops(n=PEAK_MATMUL_N, repeats=PEAK_MATMUL_REPEATS)
-    threads = torch.get_num_threads()
-    return rate, (f"measured fp32 {PEAK_MATMUL_N}x{PEAK_MATMUL_N} matmul rate on cpu ({threads} threads), "
-                  f"best of {PEAK_MATMUL_REPEATS}, max of start and end of the run")
+    """(FLOP/s, source): the training loop's own peak (GPU table, or measured fp32 matmul rate
+    on CPU); the bench measures it at start and end and takes the max."""
+    return peak_flops(device)
 
 
 def _cpu_model() -> str:

@@ -218,11 +218,13 @@ def to_dict(obj: Any) -> dict:
     return _to_plain(obj)
 
 
-def load_config(cls: type[T], argv: Optional[list[str]] = None) -> T:
-    """defaults < `config=path.yaml` < `a.b=c` overrides, all strictly checked."""
+def load_config(cls: type[T], argv: Optional[list[str]] = None, config_file: bool = True) -> T:
+    """defaults < `config=path.yaml` < `a.b=c` overrides, all strictly checked. With
+    config_file=False, `config=...` is an ordinary key (lingua.stool's `config` field)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_paths = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
-    overrides = [a for a in argv if not a.startswith("config=")]
+    is_file = lambda a: config_file and a.startswith("config=")  # noqa: E731
+    config_paths = [a.split("=", 1)[1] for a in argv if is_file(a)]
+    overrides = [a for a in argv if not is_file(a)]
     if len(config_paths) > 1:
         raise ConfigError("more than one config=... given")
     values: dict = load_yaml(config_paths[0]) if config_paths else {}
@@ -242,10 +244,10 @@ def dump_config(obj: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def cli_main(cls: type[T], argv: Optional[list[str]] = None) -> T:
+def cli_main(cls: type[T], argv: Optional[list[str]] = None, config_file: bool = True) -> T:
     """load_config for entry points: a ConfigError becomes one clear line and exit code 2."""
     try:
-        return load_config(cls, argv)
+        return load_config(cls, argv, config_file)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

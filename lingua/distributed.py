@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 from dataclasses import dataclass, fields
 from typing import Iterable, Optional
@@ -284,3 +285,43 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torc
         for g in grads:
             g.mul_(coef)
     return total
+
+
+class PreemptionSignal:
+    """Catches SIGUSR2 (SLURM's warning before a time limit or preemption). The loop asks
+    `agreed()` after each step, so every rank stops at the same step even though the signal
+    reaches them at slightly different moments. Rank-agnostic: works under srun and torchrun."""
+
+    def __init__(self, signum: int = signal.SIGUSR2):
+        self.signum = signum
+        self.requested = False
+        self._previous = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        logger.warning("received signal %d: will save and requeue after this step", signum)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor(int(self.requested))
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+    def close(self) -> None:
+        signal.signal(self.signum, self._previous)
+
+
+def requeue_slurm_job(env: Optional[dict] = None) -> bool:
+    """`scontrol requeue $SLURM_JOB_ID` (call on one rank). False when not in a SLURM job."""
+    env = os.environ if env is None else env
+    job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    job_id = job_id or env.get("SLURM_JOB_ID")
+    if not job_id:
+        logger.warning("not inside a SLURM job: checkpoint saved, not requeued")
+        return False
+    out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if out.returncode != 0:
+        logger.error("scontrol requeue %s failed: %s", job_id, out.stderr.strip())
+        return False
+    logger.warning("requeued SLURM job %s; it will resume from the checkpoint just saved", job_id)
+    return True

@@ -5,4 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash setup/install.sh
 [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] || . .venv/bin/activate
+# The `slurm` tests submit real jobs: start a one-node cluster when we can (root: it installs
+# Debian's slurm-wlm and munge if missing). Without it those tests skip, saying why.
+if [ "$(id -u)" -eq 0 ] && [ "${LINGUA_NO_LOCAL_SLURM:-0}" != 1 ]; then
+  bash setup/local_slurm.sh || echo "warning: could not start a local SLURM; slurm tests will skip"
+fi
 python -m pytest -q "$@"

@@ -205,15 +205,15 @@ def resolve_ckpt_dir(path: str) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = cli_main(EvalArgs, argv)
-    from lingua.distributed import default_device, world_info
+    from lingua.distributed import default_device, init_distributed, set_cpu_threads, world_info
 
     info = world_info()
     init_logger(info.rank)
     if not args.ckpt_dir:
         raise SystemExit("config error: ckpt_dir is required (a checkpoint dir or a training dump_dir)")
-    if info.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    set_cpu_threads(info)
     device = default_device(info.local_rank)
+    init_distributed(info)  # torchrun, or srun: master address and port from the SLURM job
     ckpt = resolve_ckpt_dir(args.ckpt_dir)
     model, tokenizer, config = load_model_from_checkpoint(ckpt, device)
     data_args = from_dict(DataArgs, config["data"])

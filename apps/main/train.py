@@ -37,6 +37,7 @@ from lingua.distributed import (
     DistributedArgs,
     EnvironmentArgs,
     ParallelDims,
+    PreemptionSignal,
     WorldInfo,
     build_mesh,
     clip_grad_norm_,
@@ -45,6 +46,7 @@ from lingua.distributed import (
     init_distributed,
     parallel_dims,
     parallelize_model,
+    requeue_slurm_job,
     set_cpu_threads,
     setup_env,
     tp_rank,
@@ -77,7 +79,7 @@ class TrainArgs:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     profiling: ProfilerArgs = field(default_factory=ProfilerArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
-    async_eval_gpus: Optional[int] = None
+    async_eval_gpus: Optional[int] = None  # set: eval runs as its own SLURM job with this many GPUs (0: CPU)
     eval: Optional[dict[str, Any]] = None  # EvalArgs fields; run in-process every checkpoint.eval.every
 
 
@@ -87,6 +89,7 @@ class TrainState:
     data_loader: Optional[dict] = None
     scheduler: Optional[dict] = None
     tokens_seen: int = 0  # summed over ranks
+    preempted: bool = False  # this process stopped early on SIGUSR2 (not saved)
 
     def to_json(self) -> dict:
         return {
@@ -95,6 +98,10 @@ class TrainState:
             "scheduler": self.scheduler,
             "tokens_seen": self.tokens_seen,
         }
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "TrainState":
+        return cls(**{k: saved[k] for k in ("step", "data_loader", "scheduler", "tokens_seen") if k in saved})
 
 
 class NonFiniteLoss(RuntimeError):
@@ -173,8 +180,7 @@ def _load_train_state(ckpt: CheckpointManager, latest: Path, model, optimizer, d
                        "are loaded, the data loader restarts from the beginning of its shard", latest)
         step = json.loads(train_state_file(latest, 0).read_text())["step"] if saved is None else saved["step"]
         saved = {**(saved or {}), "step": step, "data_loader": None}
-    saved.pop("dp_size", None)
-    return TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
+    return TrainState.from_json(saved)
 
 
 def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState:
@@ -236,6 +242,8 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
         if world.rank == 0:
             metrics = stack.enter_context(MetricLogger(dump_dir / "metrics.jsonl", args.logging.wandb, to_dict(args)))
         profiler = stack.enter_context(maybe_profile(args.profiling, str(dump_dir), world.rank))
+        preemption = PreemptionSignal()
+        stack.callback(preemption.close)
         tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * dp_size
         window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
         model.train()
@@ -275,15 +283,24 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
                             state.step, loss_value, scheduler.get_last_lr()[0], float(grad_norm), wps, mfu, data_time)
                 window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
 
-            dump_due = state.step % args.checkpoint.dump.every == 0 or state.step == args.steps
-            eval_due = eval_args is not None and state.step % args.checkpoint.eval.every == 0
+            preempted = preemption.agreed()
+            dump_due = state.step % args.checkpoint.dump.every == 0 or state.step == args.steps or preempted
+            eval_due = eval_args is not None and state.step % args.checkpoint.eval.every == 0 and not preempted
             if dump_due or eval_due:
                 state.data_loader = loader.state_dict()
                 state.scheduler = scheduler.state_dict()
                 train_state = {**state.to_json(), "dp_size": dp_size}
                 ckpt.save(model, optimizer, train_state, to_dict(args), state.step, dp_rank=dp_rank,
                           write_train_state=tp_rank(mesh) == 0)
-            if eval_due:
+            if eval_due and args.async_eval_gpus is not None:
+                if world.rank == 0:  # its own SLURM job on the checkpoint just saved; training goes on
+                    from lingua.stool import submit_eval_job
+
+                    job = submit_eval_job(dump_dir, ckpt.path / f"{state.step:010d}", state.step, args.eval or {},
+                                          ngpu=args.async_eval_gpus)
+                    logger.info("submitted eval job %s for step %d (logs in %s)", job, state.step,
+                                dump_dir / "evals" / f"{state.step:010d}" / "logs")
+            elif eval_due:
                 results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank, dp_size,
                                          replicas_per_shard=dims.tp)
                 if world.rank == 0:
@@ -292,9 +309,17 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
                         m.log({"global_step": state.step, "val": results})
                     logger.info("validation at step %d: %s", state.step,
                                 {k: round(v["loss"], 4) for k, v in results.items()})
+            if preempted:
+                state.preempted = True
+                if world.rank == 0:
+                    requeue_slurm_job()
+                break
             if dump_due or eval_due:  # keep checkpoint and eval time out of the next wps window
                 window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
     gc.enable()
+    if state.preempted:
+        logger.warning("stopped at step %d on a preemption signal; checkpoint %s", state.step, ckpt.latest())
+        return state
     if world.rank == 0:
         print(f"done: {state.step} steps. dump_dir: {dump_dir}\n"
               f"  metrics:     {dump_dir / 'metrics.jsonl'}\n"

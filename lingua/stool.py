@@ -1,0 +1,226 @@
+"""Launch a training script as a SLURM job from a frozen copy of the code.
+
+    python -m lingua.stool script=apps.main.train config=apps/main/configs/X.yaml nodes=N [ngpu=8 ...]
+
+Everything is checked before anything is written: the keys, that the script imports, that
+the config loads into the script's TrainArgs, that dump_dir is free. Then the code (.py and
+config files) is copied to dump_dir/code, the config to dump_dir/base_config.yaml, a job
+script to dump_dir/submit.slurm, and the job is submitted with sbatch (or run with bash).
+The job asks for USR2 120 s before its time limit: the training loop saves, requeues the job
+and exits; the requeued job resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from lingua.args import ConfigError, choice, cli_main, from_dict, load_yaml
+from lingua.distributed import clean_env
+
+CODE_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".sh", ".txt", ".cfg", ".ini", ".toml"}
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "data", "dump", "dumps", ".gl", ".whl"}
+
+
+@dataclass
+class StoolArgs:
+    config: str = ""  # the training config (YAML); its dump_dir is where the job lives
+    launcher: str = choice("sbatch", ("sbatch", "bash"))
+    script: str = "apps.main.train"
+    copy_code: bool = True
+    dirs_exists_ok: bool = False  # reuse an existing dump_dir (a resubmission resumes from its checkpoints)
+    override: bool = False  # delete an existing dump_dir first
+    nodes: int = -1  # required
+    ngpu: int = 8  # GPUs (and tasks) per node; 0 = a CPU job, one task per node
+    ncpu: int = 16  # CPUs per task
+    mem: str = ""
+    anaconda: str = ""  # a conda env to activate in the job; empty = the python running stool
+    constraint: str = ""
+    exclude: str = ""
+    time: int = -1  # minutes; -1 = the partition's maximum
+    account: str = ""
+    qos: str = ""
+    partition: str = "learn"
+    stdout: bool = False  # also print the job's log path to follow
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def validate(args: StoolArgs) -> tuple[dict, Path]:
+    """All checks, before anything is written. Returns (config dict, dump_dir)."""
+    if args.nodes < 1:
+        raise ConfigError(f"nodes must be given and >= 1 (got nodes={args.nodes}), e.g. nodes=1")
+    if args.ngpu < 0 or args.ncpu < 1:
+        raise ConfigError(f"ngpu must be >= 0 and ncpu >= 1 (got ngpu={args.ngpu}, ncpu={args.ncpu})")
+    if not args.config:
+        raise ConfigError("config is required, e.g. config=apps/main/configs/debug.yaml")
+    if args.override and args.dirs_exists_ok:
+        raise ConfigError("override=true and dirs_exists_ok=true contradict each other: pick one")
+    config = load_yaml(args.config)
+    try:
+        spec = importlib.util.find_spec(args.script)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ConfigError(f"script '{args.script}' is not an importable module (e.g. script=apps.main.train)")
+    try:
+        module = importlib.import_module(args.script)
+    except Exception as e:  # a broken script must not be submitted
+        raise ConfigError(f"script '{args.script}' fails to import: {type(e).__name__}: {e}") from None
+    train_args_cls = getattr(module, "TrainArgs", None)
+    if train_args_cls is not None:
+        try:
+            from_dict(train_args_cls, config)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in {args.config})") from None
+    if not config.get("dump_dir"):
+        raise ConfigError(f"{args.config} has no dump_dir: the job needs one to live in")
+    dump_dir = Path(config["dump_dir"]).expanduser().resolve()
+    if dump_dir.exists() and not (args.dirs_exists_ok or args.override):
+        raise ConfigError(f"dump_dir {dump_dir} already exists: pass dirs_exists_ok=true to reuse it (the job "
+                          "resumes from its checkpoints) or override=true to delete it first")
+    if args.launcher == "sbatch" and shutil.which("sbatch") is None:
+        raise ConfigError("launcher=sbatch but sbatch is not on PATH (on a workstation: bash setup/local_slurm.sh)")
+    return config, dump_dir
+
+
+def code_files(root: Path) -> list[Path]:
+    """The code and config files of the repo, relative to root (no data, dumps or envs)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.suffix in CODE_SUFFIXES:
+                out.append(path.relative_to(root))
+    return sorted(out)
+
+
+def copy_code(root: Path, dest: Path) -> int:
+    files = [f for f in code_files(root) if not (root / f).resolve().is_relative_to(dest.parent)]
+    for f in files:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / f, dest / f)
+    return len(files)
+
+
+def job_script(args: StoolArgs, name: str, log_dir: Path, code_dir: Path, config_path: Path) -> str:
+    """The sbatch script: resources, USR2 warning, append-mode logs, `srun python -m script`."""
+    tasks_per_node = max(1, args.ngpu)
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --nodes={args.nodes}",
+        f"#SBATCH --ntasks-per-node={tasks_per_node}",
+        f"#SBATCH --cpus-per-task={args.ncpu}",
+        f"#SBATCH --output={log_dir}/%j.stdout",
+        f"#SBATCH --error={log_dir}/%j.stderr",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --distribution=block",
+    ]
+    if args.ngpu > 0:
+        lines.append(f"#SBATCH --gres=gpu:{args.ngpu}")
+    if args.time >= 0:
+        lines.append(f"#SBATCH --time={args.time}")
+    for flag, value in (("partition", args.partition), ("mem", args.mem), ("constraint", args.constraint),
+                        ("exclude", args.exclude), ("account", args.account), ("qos", args.qos)):
+        if value:
+            lines.append(f"#SBATCH --{flag}={value}")
+    python = "python" if args.anaconda else shlex.quote(sys.executable)
+    activate = f"source activate {shlex.quote(args.anaconda)}" if args.anaconda else "# env: the python that ran stool"
+    lines += [
+        "",
+        activate,
+        f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}",
+        f"cd {shlex.quote(str(code_dir))}",
+        "echo \"job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST at $(date)\"",
+        "# srun under sbatch; plain python when this script runs with bash (launcher=bash)",
+        'if [ -n "${SLURM_JOB_ID:-}" ]; then LAUNCH="srun --kill-on-bad-exit=1"; else LAUNCH=""; fi',
+        f"$LAUNCH {python} -u -m {args.script} config={shlex.quote(str(config_path))}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def launch(args: StoolArgs) -> Optional[str]:
+    """Validate, write dump_dir, submit. Returns the job id (sbatch) or None (bash)."""
+    config, dump_dir = validate(args)
+    if args.override and dump_dir.exists():
+        shutil.rmtree(dump_dir)
+    root = repo_root()
+    code_dir = dump_dir / "code" if args.copy_code else root
+    (dump_dir / "logs").mkdir(parents=True, exist_ok=True)
+    if args.copy_code:
+        if code_dir.exists():
+            shutil.rmtree(code_dir)  # ours: a snapshot of an earlier submission of this dump_dir
+        n = copy_code(root, code_dir)
+        print(f"code snapshot: {n} files from {root} -> {code_dir}")
+    config = {**config, "dump_dir": str(dump_dir)}
+    (dump_dir / "base_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    submit = dump_dir / "submit.slurm"
+    submit.write_text(job_script(args, config.get("name", "lingua"), dump_dir / "logs", code_dir,
+                                 dump_dir / "base_config.yaml"))
+    if args.launcher == "bash":
+        print(f"running {submit} with bash (logs on this terminal)")
+        subprocess.run(["bash", str(submit)], check=True, env=clean_env())
+        return None
+    try:
+        job_id = sbatch(submit)
+    except RuntimeError as e:
+        raise SystemExit(f"{e}\ndump_dir {dump_dir} is kept; fix the cause and resubmit with dirs_exists_ok=true")
+    print(f"Submitted batch job {job_id}")
+    print(f"dump_dir: {dump_dir}\n"
+          f"follow:   tail -f {dump_dir}/logs/{job_id}.stdout {dump_dir}/logs/{job_id}.stderr\n"
+          f"status:   squeue -j {job_id}    cancel: scancel {job_id}\n"
+          f"metrics:  {dump_dir}/metrics.jsonl")
+    return job_id
+
+
+def sbatch(script: Path) -> str:
+    """Submit with a clean environment (no inherited job variables); returns the job id."""
+    out = subprocess.run(["sbatch", str(script)], capture_output=True, text=True, env=clean_env())
+    if out.returncode != 0:
+        raise RuntimeError(f"sbatch {script} failed ({out.returncode}): {out.stderr.strip()}")
+    return out.stdout.strip().split()[-1]
+
+
+def submit_eval_job(train_dump_dir: Path, ckpt: Path, step: int, eval_config: dict, ngpu: int,
+                    ncpu: int = 1, partition: Optional[str] = None) -> str:
+    """Evaluate a just-saved checkpoint in its own SLURM job (any number of GPUs, or CPUs when
+    ngpu=0), with the training job's code; metrics land in the training dump_dir."""
+    eval_dir = Path(train_dump_dir) / "evals" / f"{step:010d}"
+    (eval_dir / "logs").mkdir(parents=True, exist_ok=True)
+    config = {**eval_config, "ckpt_dir": str(ckpt), "dump_dir": str(train_dump_dir), "global_step": step}
+    config_path = eval_dir / "eval.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    args = StoolArgs(config=str(config_path), script="apps.main.eval", nodes=1, ngpu=ngpu, ncpu=ncpu,
+                     partition=partition if partition is not None else os.environ.get("SLURM_JOB_PARTITION", ""))
+    script = eval_dir / "submit.slurm"
+    script.write_text(job_script(args, f"eval_{step}", eval_dir / "logs", repo_root(), config_path))
+    return sbatch(script)
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[str]:
+    args = cli_main(StoolArgs, argv, config_file=False)
+    try:
+        return launch(args)
+    except ConfigError as e:
+        print(f"stool: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -47,6 +47,8 @@ def single(tmp_path_factory) -> dict:
 def assert_matches(ref: dict, got: dict, tol: float = 1e-5) -> None:
     for step, (a, b) in enumerate(zip(ref["loss"], got["loss"])):
         assert abs(a - b) < tol, f"step {step + 1}: loss {b} vs single-process {a}"
+    for step, (a, b) in enumerate(zip(ref["grad_norm"], got["grad_norm"])):
+        assert abs(a - b) < tol * max(1.0, a), f"step {step + 1}: grad norm {b} vs single-process {a}"
     for step, (ga, gb) in enumerate(zip(ref["grads"], got["grads"])):
         assert ga.keys() == gb.keys()
         for name in ga:

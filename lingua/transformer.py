@@ -9,7 +9,6 @@ residual (`TransformerBlock.forward`) by config, without touching the training l
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Optional
 

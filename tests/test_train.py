@@ -17,7 +17,7 @@ import torch
 
 from apps.main.train import NonFiniteLoss, TrainArgs, train
 from lingua.args import load_config
-from lingua.checkpoint import CheckpointArgs, CheckpointManager, list_checkpoints
+from lingua.checkpoint import CheckpointManager, list_checkpoints
 from tests.conftest import ROOT, read_losses, run_module, tiny_overrides
 
 

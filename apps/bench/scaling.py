@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from apps.bench.train_step import machine_info
+from apps.bench.common import machine_info, stderr_logging
 from lingua.distributed import clean_env
 
 logger = logging.getLogger(__name__)
@@ -348,14 +348,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return result
 
 
-def _stderr_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 if __name__ == "__main__":
-    _stderr_logging()
+    stderr_logging(logger)
     main()

@@ -15,10 +15,8 @@ import gc
 import json
 import logging
 import math
-import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apps.bench.common import machine_info, stderr_logging
 from apps.main.transformer import LMTransformer, LMTransformerArgs, build_model
 from lingua.distributed import compile_blocks
 from lingua.metrics import peak_flops
@@ -250,27 +249,8 @@ def measure_peak(device: torch.device) -> tuple[float, str]:
     return peak_flops(device)
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "processor": platform.processor() or _cpu_model(),
-        "cpu_model": _cpu_model(),
-        "arch": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def run_bench(shape: Optional[BenchShape] = None, steps: int = 10, warmup: int = 3, repeats: int = 5,
@@ -424,14 +404,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return result
 
 
-def _stderr_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 if __name__ == "__main__":
-    _stderr_logging()
+    stderr_logging(logger)
     main()

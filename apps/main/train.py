@@ -11,7 +11,6 @@ import gc
 import json
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import ExitStack

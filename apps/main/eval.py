@@ -214,6 +214,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     set_cpu_threads(info)
     device = default_device(info.local_rank)
     init_distributed(info)  # torchrun, or srun: master address and port from the SLURM job
+    for key in ("harness", "generator"):
+        if getattr(args, key):
+            logger.warning("eval: '%s' is accepted for Meta Lingua configs but not run by this command", key)
     ckpt = resolve_ckpt_dir(args.ckpt_dir)
     model, tokenizer, config = load_model_from_checkpoint(ckpt, device)
     data_args = from_dict(DataArgs, config["data"])

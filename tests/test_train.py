@@ -188,3 +188,23 @@ def test_compiled_training_matches_eager_and_saves_eager_names(corpus, tmp_path)
     args = _args(corpus, tmp_path / "x")
     args.model.vocab_size = 258
     load_model_and_optim(tmp_path / "compiled/checkpoints/0000000003", build_model(args.model))
+
+
+def test_consolidated_checkpoint_loads_the_same_weights(corpus, tmp_path):
+    from apps.main.transformer import build_model
+    from lingua.checkpoint import consolidate_checkpoint, load_model_and_optim, load_model_weights
+
+    args = _args(corpus, tmp_path / "c", steps=4, **{"data.load_async": "false"})
+    train(args)
+    ckpt = tmp_path / "c/checkpoints/0000000004"
+    out = consolidate_checkpoint(ckpt)
+    assert out == ckpt / "consolidated/consolidated.pth" and (out.parent / "params.json").exists()
+    from_dcp, from_file, fresh = build_model(args.model), build_model(args.model), build_model(args.model)
+    load_model_and_optim(ckpt, from_dcp)
+    load_model_weights(out, from_file)
+    x = torch.randint(0, 258, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(from_dcp(x), from_file(x))
+        assert not torch.allclose(fresh(x), from_file(x))
+    with pytest.raises(FileNotFoundError, match="not a DCP checkpoint"):
+        consolidate_checkpoint(tmp_path)

@@ -188,8 +188,10 @@ class TokenStream:
 
     def window(self, n: int) -> np.ndarray:
         """The next n+1 tokens; advances by n."""
-        while sum(len(d) for d in self.docs) - self.offset < n + 1:
+        available = sum(len(d) for d in self.docs) - self.offset
+        while available < n + 1:
             self._read_doc()
+            available += len(self.docs[-1])
         parts, need, start = [], n + 1, self.offset
         for doc in self.docs:
             take = doc[start : start + need]

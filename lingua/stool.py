@@ -51,7 +51,7 @@ class StoolArgs:
     account: str = ""
     qos: str = ""
     partition: str = "learn"
-    stdout: bool = False  # also print the job's log path to follow
+    stdout: bool = False  # accepted for Meta Lingua configs; the log paths are always printed
 
 
 def repo_root() -> Path:

@@ -67,7 +67,7 @@ class LMTransformer(BaseTransformer):
             init.trunc_normal_(self.output.weight, std)
 
     def new_kv_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        n_heads, n_kv_heads, head_dim = self.args.resolved_heads()
+        _, n_kv_heads, head_dim = self.args.resolved_heads()
         p = self.output.weight
         return [KVCache.empty(batch, n_kv_heads, max_len, head_dim, p.device, p.dtype) for _ in self.layers]
 

@@ -1,5 +1,18 @@
 """Training data: JSONL chunks -> documents -> tokens -> packed windows -> shuffled batches.
 
+A JSONL line is one document in one of these modes (see `document_segments`):
+- pretraining `{"text": ...}`: every token is a label;
+- input/output pairs `{"input", "output"}` or `{"prompt", "response"}`: the two texts are
+  concatenated as they are (put any separator in the input), and only the output's tokens
+  and the final eos are labels;
+- chat `{"messages": [{"role", "content"}, ...]}` or ShareGPT-style
+  `{"conversations": [{"from", "value"}, ...]}` (human -> user, gpt -> assistant), rendered
+  with `CHAT_TEMPLATE`: every message is `<|{role}|>\n{content}<|end|>\n`; only assistant
+  contents with their `<|end|>\n` and the final eos are labels, so a generator stops at `<|end|>`.
+Labels outside the trained part are IGNORE_INDEX, and packing carries the mask with the tokens,
+so windows that cut a document keep it aligned; a document longer than a window is split over
+several windows, never dropped.
+
 Each stage has a small JSON state, so a checkpoint resumes the exact batch sequence:
 the reader saves (epoch, file, byte offset, line); a token stream saves the reader state at
 its current document plus the offset in it; the shuffle buffer saves the stage states and
@@ -28,6 +41,19 @@ logger = logging.getLogger(__name__)
 
 CHUNK_GLOB = "*.chunk.*.jsonl"
 VAL_GLOB = "*.val.jsonl"
+# Label of a position that is not trained on (PyTorch's cross_entropy default ignore_index).
+IGNORE_INDEX = -100
+
+CHAT_TEMPLATE = "<|{role}|>\n{content}<|end|>\n"
+END_OF_TURN = "<|end|>"
+# Accepted role names, mapped to the rendered role: OpenAI-style and ShareGPT-style.
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant",
+              "human": "user", "gpt": "assistant"}
+PAIR_FIELDS = (("input", "output"), ("prompt", "response"))
+CHAT_FIELDS = ("messages", "conversations")
+
+# A document as consecutive (text, trained) pieces.
+Segments = list[tuple[str, bool]]
 
 
 class DataError(ValueError):
@@ -86,15 +112,91 @@ def assign_files(files: list[Path], rank: int, world_size: int) -> list[tuple[st
     return [(str(files[rank % n]), len(sharing), sharing.index(rank))]
 
 
-def parse_document(line: bytes, path: str, line_no: int) -> str:
-    """The `text` of one JSONL line, or DataError naming file and line (1-based)."""
+def _render_chat(messages: Any, where: str) -> Segments:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where} must be a non-empty list of messages")
+    segments: Segments = []
+    n_answers = 0
+    for i, m in enumerate(messages):
+        role = m.get("role", m.get("from")) if isinstance(m, dict) else None
+        content = m.get("content", m.get("value")) if isinstance(m, dict) else None
+        if role not in CHAT_ROLES or not isinstance(content, str):
+            raise DataError(
+                f"{where}[{i}]: a message needs 'role' (or 'from') in {sorted(CHAT_ROLES)} and a string "
+                f"'content' (or 'value'); got {m!r:.120}"
+            )
+        role = CHAT_ROLES[role]
+        if role == "assistant":
+            n_answers += 1
+            segments += [(f"<|{role}|>\n", False), (f"{content}{END_OF_TURN}\n", True)]
+        else:
+            segments.append((CHAT_TEMPLATE.format(role=role, content=content), False))
+    if not n_answers:
+        raise DataError(f"{where}: no assistant message, so nothing to train on")
+    return segments
+
+
+def document_segments(doc: Any, where: str) -> Segments:
+    """The (text, trained) pieces of one parsed JSONL record; DataError naming `where` if it
+    fits no data mode."""
+    if isinstance(doc, dict):
+        if isinstance(doc.get("text"), str):
+            return [(doc["text"], True)]
+        for prompt_key, answer_key in PAIR_FIELDS:
+            if prompt_key in doc or answer_key in doc:
+                if not (isinstance(doc.get(prompt_key), str) and isinstance(doc.get(answer_key), str)):
+                    raise DataError(f"{where}: '{prompt_key}' and '{answer_key}' must both be strings")
+                return [(doc[prompt_key], False), (doc[answer_key], True)]
+        for key in CHAT_FIELDS:
+            if key in doc:
+                return _render_chat(doc[key], f"{where}: '{key}'")
+    found = sorted(doc)[:8] if isinstance(doc, dict) else type(doc).__name__
+    raise DataError(
+        f"{where}: no data field: expected a string 'text', 'input'+'output', 'prompt'+'response', "
+        f"or a 'messages'/'conversations' list (found {found})"
+    )
+
+
+def parse_document(line: bytes, path: str, line_no: int) -> Segments:
+    """The segments of one JSONL line, or DataError naming file and line (1-based)."""
     try:
         doc = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}:{line_no + 1}: malformed JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-        raise DataError(f"{path}:{line_no + 1}: no string field 'text'")
-    return doc["text"]
+    return document_segments(doc, f"{path}:{line_no + 1}")
+
+
+def encode_document(
+    tokenizer: Tokenizer, segments: Segments, add_bos: bool, add_eos: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, label mask): mask[i] says whether token i is trained on as a label.
+
+    A pretraining document trains every token, bos included (it follows the previous
+    document's eos in the packed stream, as in Meta Lingua). A supervised document trains
+    only its answer pieces and its eos, which teaches the model to stop."""
+    pretraining = len(segments) == 1 and segments[0][1]
+    if pretraining:
+        tokens = np.asarray(tokenizer.encode(segments[0][0], add_bos=add_bos, add_eos=add_eos), dtype=np.int64)
+        return tokens, np.ones(len(tokens), dtype=bool)
+    ids, mask = [], []
+    if add_bos:
+        ids.append(np.array([tokenizer.bos_id], dtype=np.int64))
+        mask.append(np.zeros(1, dtype=bool))
+    for text, trained in segments:
+        piece = np.asarray(tokenizer.encode(text, add_bos=False, add_eos=False), dtype=np.int64)
+        ids.append(piece)
+        mask.append(np.full(len(piece), trained))
+    if add_eos:
+        ids.append(np.array([tokenizer.eos_id], dtype=np.int64))
+        mask.append(np.ones(1, dtype=bool))
+    return np.concatenate(ids), np.concatenate(mask)
+
+
+def labels_from(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Next-token labels of windows of n+1 tokens: IGNORE_INDEX where the mask says untrained."""
+    labels = tokens[..., 1:]
+    trained = mask[..., 1:]
+    return labels if trained.all() else np.where(trained, labels, IGNORE_INDEX)
 
 
 class JSONLReader:
@@ -119,7 +221,7 @@ class JSONLReader:
             self._file.close()
             self._file = None
 
-    def __next__(self) -> str:
+    def __next__(self) -> Segments:
         empty_passes = 0
         while True:
             path, stride, offset = self.assignments[self.file_idx]
@@ -153,13 +255,13 @@ class JSONLReader:
 
 class TokenStream:
     """A source's endless token stream, cut into windows of n+1 tokens that overlap by one,
-    so every token is a label exactly once. State: the reader state before the current
-    document and the offset of the next token in it."""
+    so every token is a label exactly once. Each token carries its label mask. State: the
+    reader state before the current document and the offset of the next token in it."""
 
     def __init__(self, reader: JSONLReader, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
         self.reader, self.tokenizer = reader, tokenizer
         self.add_bos, self.add_eos = add_bos, add_eos
-        self.docs: deque[np.ndarray] = deque()
+        self.docs: deque[tuple[np.ndarray, np.ndarray]] = deque()  # (tokens, mask)
         self.doc_states: deque[dict] = deque()
         self.offset = 0
         self.n_tokens_read = 0
@@ -180,37 +282,37 @@ class TokenStream:
 
     def _read_doc(self) -> None:
         before = self.reader.state()
-        text = next(self.reader)
-        tokens = np.asarray(self.tokenizer.encode(text, add_bos=self.add_bos, add_eos=self.add_eos), dtype=np.int64)
+        tokens, mask = encode_document(self.tokenizer, next(self.reader), self.add_bos, self.add_eos)
         self.n_tokens_read += len(tokens)
-        self.docs.append(tokens)
+        self.docs.append((tokens, mask))
         self.doc_states.append(before)
 
-    def window(self, n: int) -> np.ndarray:
-        """The next n+1 tokens; advances by n."""
-        available = sum(len(d) for d in self.docs) - self.offset
+    def window(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next n+1 tokens and their label mask; advances by n."""
+        available = sum(len(t) for t, _ in self.docs) - self.offset
         while available < n + 1:
             self._read_doc()
-            available += len(self.docs[-1])
-        parts, need, start = [], n + 1, self.offset
-        for doc in self.docs:
-            take = doc[start : start + need]
-            parts.append(take)
-            need -= len(take)
+            available += len(self.docs[-1][0])
+        tokens, masks, need, start = [], [], n + 1, self.offset
+        for doc_tokens, doc_mask in self.docs:
+            tokens.append(doc_tokens[start : start + need])
+            masks.append(doc_mask[start : start + need])
+            need -= len(tokens[-1])
             start = 0
             if need == 0:
                 break
         self.offset += n
-        while self.docs and self.offset >= len(self.docs[0]):
-            self.offset -= len(self.docs[0])
+        while self.docs and self.offset >= len(self.docs[0][0]):
+            self.offset -= len(self.docs[0][0])
             self.docs.popleft()
             self.doc_states.popleft()
-        return np.concatenate(parts)
+        return np.concatenate(tokens), np.concatenate(masks)
 
 
 class PackedBatches:
     """The whole pipeline of one rank: weighted sources, packed windows, a shuffle buffer of
-    prefetch_size batches, (input, label) int64 batches of [batch_size, seq_len]."""
+    prefetch_size batches, (input, label) int64 batches of [batch_size, seq_len]; labels are
+    IGNORE_INDEX where the document's mask says untrained."""
 
     def __init__(self, args: DataArgs, rank: int = 0, world_size: int = 1, tokenizer: Optional[Tokenizer] = None):
         self.args = args
@@ -226,7 +328,7 @@ class PackedBatches:
         weights = np.array([args.sources[n] for n in self.streams], dtype=np.float64)
         self.weights = weights / weights.sum()
         self.rng = np.random.default_rng([args.seed, rank])
-        self.buffer: Optional[np.ndarray] = None
+        self.buffer: Optional[tuple[np.ndarray, np.ndarray]] = None  # (tokens, masks) of whole windows
         self.emitted = 0
         self.start = self._snapshot()
 
@@ -258,8 +360,9 @@ class PackedBatches:
         names = list(self.streams)
         n_windows = self.n_batches_per_buffer * self.args.batch_size
         picks = self.rng.choice(len(names), size=n_windows, p=self.weights)
-        windows = np.stack([self.streams[names[i]].window(self.args.seq_len) for i in picks])
-        self.buffer = windows[self.rng.permutation(n_windows)]
+        windows = [self.streams[names[i]].window(self.args.seq_len) for i in picks]
+        order = self.rng.permutation(n_windows)
+        self.buffer = np.stack([w[0] for w in windows])[order], np.stack([w[1] for w in windows])[order]
 
     def __iter__(self) -> "PackedBatches":
         return self
@@ -267,13 +370,13 @@ class PackedBatches:
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
         if self.buffer is None:
             self._fill()
-        b = self.args.batch_size
-        batch = self.buffer[self.emitted * b : (self.emitted + 1) * b]
+        rows = slice(self.emitted * self.args.batch_size, (self.emitted + 1) * self.args.batch_size)
+        tokens, mask = self.buffer[0][rows], self.buffer[1][rows]
         self.emitted += 1
         if self.emitted == self.n_batches_per_buffer:
             self.buffer, self.emitted = None, 0
             self.start = self._snapshot()
-        return batch[:, :-1], batch[:, 1:]
+        return tokens[:, :-1], labels_from(tokens, mask)
 
     def n_tokens_read(self) -> int:
         return sum(s.n_tokens_read for s in self.streams.values())
@@ -356,8 +459,8 @@ def build_data_loader(args: DataArgs, rank: int = 0, world_size: int = 1, state:
     return batches
 
 
-def read_documents(path: str | os.PathLike, skip_bad_lines: bool = False) -> Iterator[str]:
-    """Every document of one JSONL file once, in order (validation sets)."""
+def read_documents(path: str | os.PathLike, skip_bad_lines: bool = False) -> Iterator[Segments]:
+    """Every document of one JSONL file once, in order (validation sets), as segments."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f):
             if not raw.strip():

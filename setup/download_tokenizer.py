@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+# Run as `python setup/download_tokenizer.py`: make the repository's lingua package importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 # Hub repo and file of the tokenizers Meta Lingua names (gated repos need --api_key).
 KNOWN = {
     "llama2": ("meta-llama/Llama-2-7b-hf", "tokenizer.model"),
@@ -50,7 +53,11 @@ def download(name: str, save_path: Path, api_key: str | None, filename: str | No
 
 
 def read_texts(data: Path, max_bytes: int) -> Iterator[str]:
-    """Documents of *.jsonl (field `text`) and *.txt files under `data`, up to max_bytes."""
+    """Documents of *.jsonl and *.txt files under `data`, up to max_bytes. A JSONL record may be
+    in any data mode training accepts (text, input/output, prompt/response, chat); all of its
+    text is used, chat rendered with the training template."""
+    from lingua.data import DataError, document_segments
+
     files = sorted(p for p in data.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
     if not files:
         raise SystemExit(f"--data {data}: no {' or '.join(TEXT_SUFFIXES)} files found")
@@ -62,9 +69,10 @@ def read_texts(data: Path, max_bytes: int) -> Iterator[str]:
             else:
                 lines = (json.loads(line) for line in f if line.strip())
             for i, doc in enumerate(lines):
-                text = doc.get("text") if isinstance(doc, dict) else None
-                if not isinstance(text, str):
-                    raise SystemExit(f"{path}:{i + 1}: no string field 'text'")
+                try:
+                    text = "".join(piece for piece, _ in document_segments(doc, f"{path}:{i + 1}"))
+                except DataError as e:
+                    raise SystemExit(str(e)) from None
                 yield text
                 seen += len(text.encode("utf-8"))
                 if seen >= max_bytes:
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> Path:
         p = argparse.ArgumentParser(prog="download_tokenizer.py train")
         p.add_argument("--kind", choices=("sp", "bpe"), required=True)
         p.add_argument("--vocab_size", type=int, required=True)
-        p.add_argument("--data", type=Path, required=True, help="a folder of *.jsonl (field text) or *.txt files")
+        p.add_argument("--data", type=Path, required=True, help="a folder of *.jsonl (any data mode: text, input/output, chat) or *.txt files")
         p.add_argument("--max_mb", type=float, default=50.0, help="train on at most this much text")
         p.add_argument("save_path", type=Path)
         args = p.parse_args(argv[1:])

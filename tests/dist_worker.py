@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from apps.main.train import TrainArgs, mean_over_ranks, setup_model, train_step  # noqa: E402
+from apps.main.train import IGNORE_INDEX, TrainArgs, setup_model, train_step  # noqa: E402
 from lingua.args import load_config  # noqa: E402
 from lingua.checkpoint import load_model_and_optim  # noqa: E402
 from lingua.distributed import (  # noqa: E402
@@ -66,10 +66,14 @@ def main() -> None:
     per_rank = GLOBAL_BATCH // dp_size
     for _ in range(steps):
         tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
-        mine = tokens[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        loss, grad_norm = train_step(model, optimizer, scheduler, [(mine[:, :-1], mine[:, 1:])], args.optim.clip)
-        result["loss"].append(mean_over_ranks(loss))
-        result["grad_norm"].append(float(full(grad_norm)))
+        labels = tokens[:, 1:].clone()
+        # Masked labels, unevenly spread over ranks: the step must still be the mean over all
+        # trained labels, exactly as one process computes it.
+        labels[torch.rand(labels.shape, generator=gen) < torch.linspace(0.0, 0.6, GLOBAL_BATCH)[:, None]] = IGNORE_INDEX
+        rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        step = train_step(model, optimizer, scheduler, [(tokens[rows, :-1], labels[rows])], args.optim.clip, mesh)
+        result["loss"].append(step.loss)
+        result["grad_norm"].append(float(full(step.grad_norm)))
         result["grads"].append({n: full(p.grad) for n, p in model.named_parameters()})
     result["params"] = {n: full(p) for n, p in model.named_parameters()}
     if world.rank == 0:

@@ -67,7 +67,7 @@ def make_args(root: Path, sources: dict[str, float], **kw) -> DataArgs:
 def read_one_epoch(reader: JSONLReader) -> list[str]:
     docs = []
     while True:
-        text = next(reader)
+        [(text, _)] = next(reader)  # pretraining documents are one trained segment
         if reader.epoch > 0:  # this document already belongs to the second epoch
             return docs
         docs.append(text)
@@ -189,6 +189,8 @@ def test_windows_reproduce_the_token_stream(tmp_path: Path, add_bos: bool, add_e
     expected = expected_stream(per_file, add_bos, add_eos, epochs=4)
     n_windows = (len(expected) - 1) // seq_len - 2
     windows = [stream.window(seq_len) for _ in range(n_windows)]
+    assert all(mask.all() for _, mask in windows)  # pretraining text: every token is a label
+    windows = [tokens for tokens, _ in windows]
     assert all(w.shape == (seq_len + 1,) and w.dtype == np.int64 for w in windows)
     for a, b in zip(windows, windows[1:]):
         assert a[-1] == b[0]  # overlap by exactly one token: every token is a label once
@@ -399,7 +401,7 @@ def test_other_bad_lines_name_line(tmp_path: Path, line: str) -> None:
     f = d / "web.chunk.00.jsonl"
     f.write_text(json.dumps({"text": "ok"}) + "\n\n" + line + "\n")
     reader = JSONLReader(assign_files([f], 0, 1))
-    assert next(reader) == "ok"
+    assert next(reader) == [("ok", True)]
     with pytest.raises(DataError, match=f"{f}:3"):
         next(reader)
 

@@ -161,7 +161,7 @@ def _docs_of_one_epoch(loader: PackedBatches) -> list[str]:
     docs: list[str] = []
     current: list[int] = []
     while True:
-        for t in stream.window(64)[:-1].tolist():
+        for t in stream.window(64)[0][:-1].tolist():
             if t == 256:
                 current = []
             elif t == 257:

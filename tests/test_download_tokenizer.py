@@ -3,6 +3,7 @@ lingua.tokenizer and round-trip; hub downloads go to the right repo and file (hu
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,20 @@ def test_download_asks_the_hub_for_the_known_file(tmp_path, monkeypatch):
     assert out == tmp_path / "l3/tokenizer.model" and out.read_text() == "model bytes"
     download_tokenizer.main(["someone/their-model", str(tmp_path / "other")])
     assert asked[-1] == ("someone/their-model", "tokenizer.model", None)
+
+
+def test_trains_on_input_output_and_chat_records_and_names_a_bad_line(tmp_path):
+    data = tmp_path / "sft"
+    data.mkdir()
+    rows = [{"input": f"question {i}: what is {i} squared?", "output": f" {i * i}"} for i in range(200)]
+    rows += [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]}]
+    (data / "sft.chunk.00.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run("train", "--kind", "bpe", "--vocab_size", "300", "--data", str(data), str(tmp_path / "tok"))
+    assert out.returncode == 0, out.stderr
+    tok = build_tokenizer("tiktoken", str(tmp_path / "tok/tokenizer.model"))
+    assert tok.decode(tok.encode("question 7: squared", add_bos=False, add_eos=False)) == "question 7: squared"
+
+    (data / "sft.chunk.01.jsonl").write_text(json.dumps({"question": "no known field"}) + "\n")
+    bad = run("train", "--kind", "bpe", "--vocab_size", "300", "--data", str(data), str(tmp_path / "tok2"))
+    assert bad.returncode != 0 and "sft.chunk.01.jsonl:1" in bad.stderr and "no data field" in bad.stderr
+    assert not (tmp_path / "tok2").exists()

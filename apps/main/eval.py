@@ -1,7 +1,8 @@
 """Validation of a model: loss per token and bits per byte on each source's *.val.jsonl.
 
 Every document is scored on its own (split into windows of seq_len when longer), so the
-numbers do not depend on packing. Runs in-process from training (`run_validation`) or from
+numbers do not depend on packing. Input/output and chat documents are scored on their trained
+part only (the answers), and bits per byte count the bytes of that part. Runs in-process from training (`run_validation`) or from
 the command line on a checkpoint:
 
     python -m apps.main.eval ckpt_dir=<dump_dir>/checkpoints/0000001000 dump_dir=<dump_dir>
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs
 from lingua.args import cli_main, from_dict
 from lingua.checkpoint import list_checkpoints, load_model_weights
-from lingua.data import VAL_GLOB, DataArgs, DataError, read_documents
+from lingua.data import VAL_GLOB, DataArgs, DataError, encode_document, labels_from, read_documents
 from lingua.logger import init_logger
 from lingua.metrics import MetricLogger
 from lingua.tokenizer import Tokenizer, build_tokenizer
@@ -67,13 +69,14 @@ def _val_files(val: ValidationArgs, data: DataArgs) -> dict[str, Path]:
     return out
 
 
-def _windows(tokens: list[int], seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """(input, label) pieces covering every next-token prediction of the document once."""
+def _windows(tokens: np.ndarray, mask: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input, label) pieces covering every next-token prediction of the document once;
+    labels the document does not train on are IGNORE_INDEX, so they are not scored either."""
     pieces = []
     for start in range(0, max(1, len(tokens) - 1), seq_len):
-        chunk = tokens[start : start + seq_len + 1]
+        chunk, chunk_mask = tokens[start : start + seq_len + 1], mask[start : start + seq_len + 1]
         if len(chunk) >= 2:
-            pieces.append((chunk[:-1], chunk[1:]))
+            pieces.append((chunk[:-1], labels_from(chunk, chunk_mask)))
     return pieces
 
 
@@ -89,21 +92,21 @@ def validate_file(
     rank: int = 0,
     world_size: int = 1,
 ) -> dict:
-    """Sums of NLL (nats), predicted tokens and UTF-8 bytes over this rank's documents.
+    """Sums of NLL (nats), scored tokens and their UTF-8 bytes over this rank's documents.
 
     In a distributed run every rank runs the same number of forward passes (padding with a
     dummy batch), because a sharded model's forward is a collective."""
-    pieces: list[tuple[list[int], list[int]]] = []
+    pieces: list[tuple[np.ndarray, np.ndarray]] = []
     n_bytes, n_docs = 0, 0
-    for doc_idx, text in enumerate(read_documents(path)):
+    for doc_idx, segments in enumerate(read_documents(path)):
         if doc_idx % world_size != rank:
             continue
-        doc_pieces = _windows(tokenizer.encode(text, add_bos=True, add_eos=True), seq_len)
+        doc_pieces = _windows(*encode_document(tokenizer, segments, add_bos=True, add_eos=True), seq_len)
         # A document counts (its bytes for bpb) only if all of its windows are scored.
         if max_steps is not None and n_docs and len(pieces) + len(doc_pieces) > max_steps * batch_size:
             break
         pieces += doc_pieces
-        n_bytes += len(text.encode("utf-8"))
+        n_bytes += sum(len(text.encode("utf-8")) for text, trained in segments if trained)
         n_docs += 1
     batches = [pieces[i : i + batch_size] for i in range(0, len(pieces), batch_size)]
     n_forward = len(batches)
@@ -122,8 +125,8 @@ def validate_file(
         x = torch.zeros(len(batch), width, dtype=torch.long)
         y = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         for j, (xj, yj) in enumerate(batch):
-            x[j, : len(xj)] = torch.tensor(xj)
-            y[j, : len(yj)] = torch.tensor(yj)
+            x[j, : len(xj)] = torch.from_numpy(xj)
+            y[j, : len(yj)] = torch.from_numpy(yj)
         logits = model(x.to(device))
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from apps.main.eval import EvalArgs, run_validation
-from apps.main.transformer import LMTransformer, LMTransformerArgs, build_model
+from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs, build_model
 from lingua.args import ConfigError, cli_main, dump_config, from_dict, to_dict
 from lingua.checkpoint import (
     CheckpointArgs,
@@ -87,7 +87,8 @@ class TrainState:
     step: int = 0
     data_loader: Optional[dict] = None
     scheduler: Optional[dict] = None
-    tokens_seen: int = 0  # summed over ranks
+    tokens_seen: int = 0  # tokens read into batches, summed over data-parallel ranks
+    tokens_trained: int = 0  # of those, the labels trained on (not masked), likewise summed
     preempted: bool = False  # this process stopped early on SIGUSR2 (not saved)
 
     def to_json(self) -> dict:
@@ -96,11 +97,13 @@ class TrainState:
             "data_loader": self.data_loader,
             "scheduler": self.scheduler,
             "tokens_seen": self.tokens_seen,
+            "tokens_trained": self.tokens_trained,
         }
 
     @classmethod
     def from_json(cls, saved: dict) -> "TrainState":
-        return cls(**{k: saved[k] for k in ("step", "data_loader", "scheduler", "tokens_seen") if k in saved})
+        return cls(**{k: saved[k] for k in ("step", "data_loader", "scheduler", "tokens_seen", "tokens_trained")
+                      if k in saved})
 
 
 class NonFiniteLoss(RuntimeError):
@@ -147,27 +150,45 @@ def setup_model(
     return model
 
 
-def train_step(model, optimizer, scheduler, micro_batches, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over grad-accumulation micro-batches; returns (local mean loss, grad norm)."""
+@dataclass
+class StepResult:
+    loss: float  # mean over every trained token of the step, on all ranks
+    tokens_trained: int  # labels that were not IGNORE_INDEX, summed over data-parallel ranks
+    grad_norm: torch.Tensor
+
+
+def sum_over_data_ranks(value: torch.Tensor, mesh) -> torch.Tensor:
+    """Sum of a per-rank scalar over data-parallel ranks (TP peers hold the same batch, so the
+    all-rank sum counts each batch tp times)."""
+    if mesh is None:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / mesh["tp"].size()
+
+
+def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=None) -> StepResult:
+    """One optimizer step over grad-accumulation micro-batches.
+
+    The loss is normalised by the number of trained labels in the whole step (all micro-batches
+    and data-parallel ranks), so a token weighs the same wherever packing put it, and masked
+    prompt tokens count for nothing. FSDP averages gradients over the dp_size data-parallel
+    ranks, hence the dp_size factor in each rank's scale."""
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
+    device = micro_batches[0][0].device
+    n_local = torch.stack([(y != IGNORE_INDEX).sum() for _, y in micro_batches]).sum().to(torch.float64)
+    n_global = sum_over_data_ranks(n_local, mesh)
+    scale = dp_rank_and_size(mesh)[1] / max(float(n_global), 1.0)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     for x, y in micro_batches:
-        loss = model(x, target=y)
-        (loss / len(micro_batches)).backward()
+        loss = model(x, target=y, reduction="sum")
+        (loss * scale).backward()
         loss_sum += loss.detach()
     grad_norm = clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     scheduler.step()
-    return loss_sum / len(micro_batches), grad_norm
-
-
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """Mean of a scalar over all ranks (data-parallel ranks differ; TP ranks agree)."""
-    if dist.is_initialized():
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
+    mean_loss = float(sum_over_data_ranks(loss_sum, mesh)) / max(float(n_global), 1.0)
+    return StepResult(mean_loss, int(n_global), grad_norm)
 
 
 def _load_train_state(ckpt: CheckpointManager, latest: Path, model, optimizer, dp_rank: int, dp_size: int) -> TrainState:
@@ -251,8 +272,8 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
             t0 = time.perf_counter()
             micro_batches = [_to_device(next(loader), device) for _ in range(args.grad_acc_steps)]
             data_time += time.perf_counter() - t0
-            local_loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip)
-            loss_value = mean_over_ranks(local_loss)
+            result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh)
+            loss_value, grad_norm = result.loss, result.grad_norm
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(
                     f"loss is {loss_value} at step {state.step + 1}: stopping; last good checkpoint: "
@@ -260,6 +281,7 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
                 )
             state.step += 1
             state.tokens_seen += tokens_per_step
+            state.tokens_trained += result.tokens_trained
             window_tokens += tokens_per_step
             profiler.step()
             if state.step % args.gc_collect_freq == 0:
@@ -275,11 +297,14 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
                         "loss/out": loss_value,
                         "optim": {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                                   "total_tokens": state.tokens_seen},
+                        "data": {"tokens_read": state.tokens_seen, "tokens_trained": state.tokens_trained,
+                                 "step_tokens_trained": result.tokens_trained},
                         "speed": {"wps": wps, "FLOPS": wps * flops_per_token, "MFU": mfu,
                                   "curr_iter_time": now - step_start, "data_load_time": data_time},
                     })
-                logger.info("step %d  loss %.4f  lr %.2e  gnorm %.3f  %.0f tok/s  MFU %.2f  data %.3fs",
-                            state.step, loss_value, scheduler.get_last_lr()[0], float(grad_norm), wps, mfu, data_time)
+                logger.info("step %d  loss %.4f  lr %.2e  gnorm %.3f  %.0f tok/s  MFU %.2f  data %.3fs  "
+                            "tokens trained/read %d/%d", state.step, loss_value, scheduler.get_last_lr()[0],
+                            float(grad_norm), wps, mfu, data_time, state.tokens_trained, state.tokens_seen)
                 window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
 
             preempted = preemption.agreed()

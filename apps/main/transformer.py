@@ -1,6 +1,7 @@
 """The language model of apps/main: embedding -> BaseTransformer blocks -> norm -> output.
 
-`LMTransformer(args)(tokens, target=labels)` returns the mean loss over labels != -100;
+`LMTransformer(args)(tokens, target=labels)` returns the mean loss over labels != -100
+(`reduction="sum"`: their sum, which the training loop normalises over a whole step);
 without target it returns logits, as in Meta Lingua.
 """
 
@@ -22,7 +23,7 @@ from lingua.transformer import (
     matmul_flops_per_token,
 )
 
-IGNORE_INDEX = -100
+from lingua.data import IGNORE_INDEX  # noqa: F401  (re-exported: the label models ignore)
 
 
 @dataclass
@@ -51,12 +52,14 @@ class LMTransformer(BaseTransformer):
         target: Optional[torch.Tensor] = None,
         kv_caches: Optional[list[KVCache]] = None,
         start: int = 0,
+        reduction: str = "mean",
     ) -> torch.Tensor:
         h = self.forward_blocks(self.tok_embeddings(tokens), kv_caches, start)
         logits = self.output(self.norm(h))
         if target is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
 
     def reset_parameters(self, init: ParamInit) -> None:
         super().reset_parameters(init)

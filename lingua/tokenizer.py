@@ -74,6 +74,9 @@ def _check_file(name: str, path: Optional[str]) -> str:
         raise FileNotFoundError(
             f"tokenizer '{name}' needs a model file: set {PATH_KEY} (it is empty)"
         )
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.model")):
+        # The folder setup/download_tokenizer.py saves into.
+        return os.path.join(path, "tokenizer.model")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"tokenizer '{name}': file not found: {path!r} (from {PATH_KEY})"

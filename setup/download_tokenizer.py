@@ -83,7 +83,8 @@ def train_sentencepiece(texts: Iterator[str], vocab_size: int, out: Path) -> Pat
     import sentencepiece as spm
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = out.with_suffix("")
+    # A private prefix: SentencePiece also writes <prefix>.vocab, which must not clobber a user's file.
+    prefix = out.parent / f".{out.name}.tmp-{os.getpid()}"
     spm.SentencePieceTrainer.train(
         sentence_iterator=(line for t in texts for line in t.splitlines() if line.strip()),
         model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
@@ -157,7 +158,9 @@ def main(argv: list[str] | None = None) -> Path:
         args = p.parse_args(argv[1:])
         if not args.data.is_dir():
             raise SystemExit(f"--data {args.data} is not a directory")
-        out = args.save_path / "tokenizer.model"
+        # SAVE_PATH ending in .model names the file itself; otherwise it is a folder that
+        # receives tokenizer.model, like the downloads.
+        out = args.save_path if args.save_path.suffix == ".model" else args.save_path / "tokenizer.model"
         if out.exists():
             raise SystemExit(f"{out} already exists: choose another SAVE_PATH or remove it yourself")
         t0 = time.time()

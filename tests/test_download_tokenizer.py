@@ -106,3 +106,17 @@ def test_trains_on_input_output_and_chat_records_and_names_a_bad_line(tmp_path):
     bad = run("train", "--kind", "bpe", "--vocab_size", "300", "--data", str(data), str(tmp_path / "tok2"))
     assert bad.returncode != 0 and "sft.chunk.01.jsonl:1" in bad.stderr and "no data field" in bad.stderr
     assert not (tmp_path / "tok2").exists()
+
+
+def test_save_path_ending_in_model_is_the_file_and_a_folder_path_loads(data, tmp_path):
+    (tmp_path / "sp.vocab").write_text("the user's own file")
+    out = run("train", "--kind", "sp", "--vocab_size", "400", "--data", str(data), str(tmp_path / "sp.model"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "sp.model").is_file()
+    assert (tmp_path / "sp.vocab").read_text() == "the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sp.model", "sp.vocab"]  # no temp files left
+    folder = run("train", "--kind", "sp", "--vocab_size", "400", "--data", str(data), str(tmp_path / "dir"))
+    assert folder.returncode == 0, folder.stderr
+    # data.tokenizer.path may name the folder that holds tokenizer.model.
+    assert build_tokenizer("sp", str(tmp_path / "dir")).encode("x = 1") == build_tokenizer(
+        "sp", str(tmp_path / "dir" / "tokenizer.model")).encode("x = 1")

@@ -1,7 +1,7 @@
 """Tests for setup/download_prepare_hf_data.py on the embedded `stdlib` corpus.
 
 The script runs as a subprocess with plain python, the way users run it; each run
-takes about a second.
+takes about a second. Hub and local datasets are tested in tests/test_prepare_hf.py.
 """
 
 from __future__ import annotations
@@ -78,9 +78,13 @@ def test_layout_and_output(prepared: tuple[Path, subprocess.CompletedProcess]) -
         assert len(read_jsonl(out / name)) == info["docs"]
     sizes = [marker["files"][f"stdlib.chunk.{i:02d}.jsonl"]["docs"] for i in range(NCHUNKS)]
     assert max(sizes) - min(sizes) <= 1  # round-robin dealing
-    # Val is a couple of percent of the documents, the same number from every chunk.
-    assert marker["n_val"] == NCHUNKS * math.ceil(0.02 * marker["n_docs"] / NCHUNKS)
+    # Val is a couple of percent of the documents: the first positions of every chunk.
+    per_chunk = math.ceil(0.02 * marker["n_docs"] / NCHUNKS)
+    assert marker["val_docs_per_chunk"] == per_chunk
+    assert marker["n_val"] == NCHUNKS * per_chunk == marker["files"]["stdlib.val.jsonl"]["docs"]
     assert 0.015 <= marker["n_val"] / marker["n_docs"] <= 0.05
+    assert sum(sizes) + marker["n_val"] == marker["n_docs"]
+    assert marker["nbuckets"] == 1  # 2 GB holds the whole corpus: one in-memory shuffle
 
 
 def test_every_document_exactly_once(prepared: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -131,11 +135,16 @@ def test_unknown_dataset_exits_2_and_creates_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
-def test_memory_too_small_fails_before_writing(tmp_path: Path) -> None:
-    res = prep(tmp_path / "data", memory="0.001")
-    assert res.returncode == 1
-    assert "MEMORY" in res.stderr
-    assert not (tmp_path / "data").exists()
+def test_small_memory_spills_to_disk(prepared: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
+    # 5 MB for a ~30 MB corpus: the shuffle goes through buckets on disk instead of failing.
+    out, _ = prepared
+    res = prep(tmp_path / "data", memory="0.005")
+    assert res.returncode == 0, res.stderr
+    small = tmp_path / "data" / "stdlib_shuffled"
+    assert {p.name for p in small.iterdir()} == expected_files()
+    assert json.loads((small / ".done").read_text())["nbuckets"] > 1
+    docs = lambda d: sorted(json.dumps(x, sort_keys=True) for f in sorted(d.glob("*.jsonl")) for x in read_jsonl(f))
+    assert docs(small) == docs(out)
 
 
 def test_interrupted_run_resumes(tmp_path: Path) -> None:

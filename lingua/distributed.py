@@ -166,6 +166,10 @@ class ParallelDims:
 
 def parallel_dims(args: DistributedArgs, world_size: int) -> ParallelDims:
     """Check that dp_replicate x dp_shard x tp_size covers the world exactly (dp_shard=-1 fills)."""
+    if args.memory_parallel_size != 1:
+        # Refused rather than ignored: a run would otherwise silently hold full value tables.
+        raise ValueError(f"distributed.memory_parallel_size={args.memory_parallel_size}: column-wise parallel "
+                         "value tables are not implemented yet; use 1")
     dp_shard = args.dp_shard
     if dp_shard == -1:
         dp_shard, rest = divmod(world_size, args.dp_replicate * args.tp_size)

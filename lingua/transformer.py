@@ -88,6 +88,9 @@ class ParamInit:
     def ones_(self, param: torch.Tensor) -> None:
         copy_full_into(param, torch.ones(param.shape))
 
+    def zeros_(self, param: torch.Tensor) -> None:
+        copy_full_into(param, torch.zeros(param.shape))
+
 
 @torch.no_grad()
 def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:

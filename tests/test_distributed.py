@@ -77,6 +77,25 @@ def test_two_ranks_match_one_process(single, tmp_path, overrides):
     assert got["dp_size"] == (1 if "distributed.tp_size=2" in overrides else 2)
 
 
+# A Memory+ layer with a shared value table in block 1: the table lives at the model root
+# (sharded by the root FSDP unit, replicated under TP) and the memory's own weights in the block.
+PK = ["model.productkey_args.is_enabled=true", "model.productkey_args.layers=1",
+      "model.productkey_args.mem_n_keys=8", "model.productkey_args.mem_heads=2",
+      "model.productkey_args.mem_knn=4", "model.productkey_args.mem_k_dim=16"]
+
+
+@pytest.fixture(scope="module")
+def single_pk(tmp_path_factory) -> dict:
+    return run_worker(tmp_path_factory.mktemp("single_pk") / "out.pt", *PK)
+
+
+@pytest.mark.parametrize("layout", ["distributed.dp_shard=2", "distributed.tp_size=2"], ids=["fsdp", "tp"])
+def test_product_key_model_on_two_ranks_matches_one_process(single_pk, tmp_path, layout):
+    got = run_worker(tmp_path / "out.pt", *PK, layout, nproc=2)
+    assert "memory_values.weight" in got["grads"][0]
+    assert_matches(single_pk, got)
+
+
 def test_two_rank_checkpoint_resumes_on_one_and_two_ranks(corpus, tmp_path):
     """Train with FSDP on 2 ranks through the real loop, then load the DCP checkpoint on 1 and
     on 2 ranks: the next step's loss and gradients agree."""
@@ -224,6 +243,13 @@ def test_world_info_from_torchrun_slurm_or_single():
     assert (sl.rank, sl.world_size, sl.local_rank, sl.local_world_size, sl.launcher) == (5, 8, 1, 4, "slurm")
     assert world_info({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).launcher == "single"
     assert world_info({}).world_size == 1
+
+
+def test_memory_parallel_size_is_refused_until_implemented():
+    from lingua.distributed import DistributedArgs, parallel_dims
+
+    with pytest.raises(ValueError, match="memory_parallel_size=2"):
+        parallel_dims(DistributedArgs(memory_parallel_size=2), 2)
 
 
 def test_parallel_dims_checks_the_layout():

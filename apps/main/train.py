@@ -191,6 +191,19 @@ def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=Non
     return StepResult(mean_loss, int(n_global), grad_norm)
 
 
+def memory_usage_stats(model) -> dict[str, dict[str, float]]:
+    """Usage statistics of every module that keeps them (memory layers), reset for the next
+    window; called on every rank so that all ranks start each window from zero."""
+    out = {}
+    for name, module in model.named_modules():
+        stats_fn = getattr(module, "usage_stats", None)
+        if callable(stats_fn):
+            stats = stats_fn()
+            if stats:
+                out[name.removesuffix(".feed_forward")] = stats
+    return out
+
+
 def _load_train_state(ckpt: CheckpointManager, latest: Path, model, optimizer, dp_rank: int, dp_size: int) -> TrainState:
     saved = ckpt.load(latest, model, optimizer, dp_rank=dp_rank)
     if saved is None or saved.get("dp_size", dp_size) != dp_size:
@@ -291,6 +304,7 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
                 now = time.perf_counter()
                 wps = window_tokens / (now - window_start)
                 mfu = wps * flops_per_token / (peak * world.world_size)
+                memory_stats = memory_usage_stats(model)
                 if metrics is not None:
                     metrics.log({
                         "global_step": state.step,
@@ -299,6 +313,7 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
                                   "total_tokens": state.tokens_seen},
                         "data": {"tokens_read": state.tokens_seen, "tokens_trained": state.tokens_trained,
                                  "step_tokens_trained": result.tokens_trained},
+                        **({"memory": memory_stats} if memory_stats else {}),
                         "speed": {"wps": wps, "FLOPS": wps * flops_per_token, "MFU": mfu,
                                   "curr_iter_time": now - step_start, "data_load_time": data_time},
                     })

@@ -1,0 +1,244 @@
+"""Product-key memory layers (Memory Layers at Scale, Berges et al. 2024; Lample et al. 2019).
+
+A memory layer replaces the FFN of chosen blocks. For each token and head:
+  query = Linear(dim, heads * k_dim)(x), split into two halves q1, q2 (optionally qk-normed);
+  each half is scored against its own n_keys sub-keys and keeps its top knn;
+  the knn x knn candidate sums s1[i] + s2[j] (value row i * n_keys + j) give the final top knn,
+  which is the exact top knn over all n_keys^2 product keys;
+  softmax (fp32) over those knn scores weights the value rows, and the heads' (row, weight)
+  pairs form one weighted embedding bag over the n_keys^2 x v_dim value table.
+Output: plain PK returns the bag (projected to dim if v_dim != dim); Memory+
+(`swilu_projection`) returns W2(bag * SiLU(W1 x)); `mem_gated` multiplies by
+sigmoid(Linear(dim, 1)(x)). The PEER variant (`peer_variant`) treats each row as a
+one-neuron expert: out = sum_i w_i * up_i * GELU(down_i . x).
+
+Shared values (`mem_share_values`) are one table owned by the model and handed to every
+memory layer, which keeps a reference without registering it: parameters, state dicts and
+checkpoints hold it once, and there is no process-global state. Value tables are tagged
+as lookup tables (`ValueTable`): the optimizer gives them `value_fixed_lr` and `value_weight_decay`
+(through `optim_overrides`, which is code, so it also holds after loading any checkpoint),
+and FLOP counting charges only the heads * knn rows a token reads, not the whole table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lingua.transformer import ParamInit
+
+
+@dataclass
+class ProductKeyArgs:
+    """`model.productkey_args`; field names as in Meta Lingua's memory-layers branch."""
+
+    is_enabled: bool = False
+    layers: str = ""  # 0-based indices of the blocks whose FFN becomes a memory, e.g. "4,12,20"
+    mem_n_keys: int = 256  # sub-keys per half: n_keys^2 value rows
+    mem_heads: int = 4
+    mem_knn: int = 32
+    mem_share_values: bool = True
+    mem_k_dim: int = 512  # query / product-key width (two halves of k_dim / 2)
+    mem_v_dim: int = -1  # value width; -1: the model dim
+    swilu_projection: bool = True  # Memory+: W2(bag * SiLU(W1 x))
+    value_fixed_lr: float = 1e-3  # lr of the value tables (the schedule still applies)
+    value_weight_decay: float = 0.0  # weight decay of the value tables
+    mem_gated: bool = False
+    peer_variant: bool = False
+    qk_norm: Optional[bool] = None  # None: on for Memory+, off for plain PK (the paper adds it)
+
+    def layer_ids(self, n_layers: int) -> list[int]:
+        """The memory blocks, checked against the model depth."""
+        try:
+            ids = sorted({int(s) for s in self.layers.replace(" ", "").split(",") if s != ""})
+        except ValueError:
+            raise ValueError(f"model.productkey_args.layers={self.layers!r}: expected comma-separated "
+                             f"block indices like '1,3'") from None
+        if self.is_enabled and not ids:
+            raise ValueError("model.productkey_args.layers is empty: name the blocks that get a memory, e.g. '1'")
+        bad = [i for i in ids if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"model.productkey_args.layers={self.layers!r}: {bad} outside 0..{n_layers - 1}")
+        return ids
+
+    def check(self, dim: int) -> None:
+        for key in ("mem_n_keys", "mem_heads", "mem_knn"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.productkey_args.{key} must be >= 1, got {getattr(self, key)}")
+        if self.mem_k_dim < 2 or self.mem_k_dim % 2:
+            raise ValueError(f"model.productkey_args.mem_k_dim={self.mem_k_dim} must be even (two halves)")
+        if self.mem_knn > self.mem_n_keys:
+            raise ValueError(f"model.productkey_args.mem_knn={self.mem_knn} exceeds mem_n_keys={self.mem_n_keys}")
+        if self.peer_variant and self.value_dim(dim) != dim:
+            raise ValueError("model.productkey_args.peer_variant needs mem_v_dim = -1 or the model dim")
+
+    def value_dim(self, dim: int) -> int:
+        return dim if self.mem_v_dim <= 0 else self.mem_v_dim
+
+    def use_qk_norm(self) -> bool:
+        return self.swilu_projection if self.qk_norm is None else self.qk_norm
+
+
+class ValueTable(nn.Module):
+    """n_keys^2 rows of values. PEER stores two tables (down- and up-projection vectors).
+
+    Its parameters are read by row, never multiplied whole: FLOP counting recognises them by
+    this module type (an attribute on the tensor would not survive to_empty or sharding)."""
+
+    def __init__(self, n_rows: int, v_dim: int, peer: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_rows, v_dim))
+        self.down = nn.Parameter(torch.empty(n_rows, v_dim)) if peer else None
+
+    def reset_parameters(self, init: ParamInit) -> None:
+        init.trunc_normal_(self.weight, self.weight.shape[1] ** -0.5)
+        if self.down is not None:
+            init.trunc_normal_(self.down, self.down.shape[1] ** -0.5)
+
+
+def product_key_topk(
+    q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-knn over all n_keys^2 product keys.
+
+    q1, q2: [N, H, d] query halves; keys1, keys2: [H, n_keys, d]. Returns (scores, rows), each
+    [N, H, knn], row = i1 * n_keys + i2, sorted by score. The true top knn sums can only use
+    each half's top knn, so searching the knn x knn candidates is exact.
+    """
+    n_keys = keys1.shape[1]
+    s1 = torch.einsum("nhd,hkd->nhk", q1, keys1)
+    s2 = torch.einsum("nhd,hkd->nhk", q2, keys2)
+    s1, i1 = s1.topk(knn, dim=-1)
+    s2, i2 = s2.topk(knn, dim=-1)
+    candidates = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # [N, H, knn*knn]
+    rows = (i1.unsqueeze(-1) * n_keys + i2.unsqueeze(-2)).flatten(-2)
+    scores, best = candidates.topk(knn, dim=-1)
+    return scores, rows.gather(-1, best)
+
+
+def weighted_bag(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[n, j] * table[rows[n, j]] for each n: rows, weights [N, K] -> [N, v_dim]."""
+    return F.embedding_bag(rows, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+
+
+class ProductKeyMemory(nn.Module):
+    """A memory layer in place of a block's FFN: [B, S, dim] -> [B, S, dim]."""
+
+    def __init__(self, dim: int, args: ProductKeyArgs, values: Optional[ValueTable] = None):
+        super().__init__()
+        args.check(dim)
+        self.dim, self.args = dim, args
+        self.heads, self.knn, self.n_keys = args.mem_heads, args.mem_knn, args.mem_n_keys
+        self.half = args.mem_k_dim // 2
+        self.v_dim = args.value_dim(dim)
+        self.qk_norm = args.use_qk_norm()
+        self.query_proj = nn.Linear(dim, self.heads * args.mem_k_dim, bias=True)
+        self.keys = nn.Parameter(torch.empty(self.heads, 2, self.n_keys, self.half))
+        if values is None:
+            self.values = ValueTable(self.n_keys**2, self.v_dim, args.peer_variant)
+        else:
+            # Shared: owned (and registered) by the model; a plain attribute here, so the
+            # table is one parameter, saved once, however many layers read it.
+            object.__setattr__(self, "values", values)
+        self.owns_values = values is None
+        self.value_proj = None
+        if self.v_dim != dim and not args.swilu_projection:
+            self.value_proj = nn.Linear(self.v_dim, dim, bias=False)
+        self.swilu_w1 = self.swilu_w2 = None
+        if args.swilu_projection and not args.peer_variant:
+            self.swilu_w1 = nn.Linear(dim, self.v_dim, bias=False)
+            self.swilu_w2 = nn.Linear(self.v_dim, dim, bias=False)
+        self.gate = nn.Linear(dim, 1, bias=True) if args.mem_gated else None
+        # Row-hit counts since the last usage_stats() call; a buffer so it follows the device,
+        # not persistent so checkpoints do not carry it.
+        self.register_buffer("row_hits", torch.zeros(self.n_keys**2), persistent=False)
+
+    def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(softmax weights fp32, rows), each [N, heads, knn], for x [N, dim]."""
+        q = self.query_proj(x).view(-1, self.heads, 2, self.half).float()
+        keys = self.keys.float()
+        if self.qk_norm:
+            q = F.rms_norm(q, (self.half,))
+            keys = F.rms_norm(keys, (self.half,))
+        scores, rows = product_key_topk(q[:, :, 0], q[:, :, 1], keys[:, 0], keys[:, 1], self.knn)
+        return F.softmax(scores, dim=-1), rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.dim)
+        weights, rows = self.search(x)
+        if self.training:
+            with torch.no_grad():
+                self.row_hits.index_add_(0, rows.flatten(), torch.ones_like(rows.flatten(), dtype=self.row_hits.dtype))
+        rows, weights = rows.flatten(1), weights.flatten(1)
+        if self.args.peer_variant:
+            # One-neuron experts: activation of row i is GELU(down_i . x), then weighted up_i.
+            down = F.embedding(rows, self.values.down)  # [N, H*knn, dim]
+            act = F.gelu(torch.einsum("nkd,nd->nk", down, x)) * weights.to(x.dtype)
+            out = weighted_bag(self.values.weight, rows, act)
+        else:
+            out = weighted_bag(self.values.weight, rows, weights).to(x.dtype)
+            if self.swilu_w1 is not None:
+                out = self.swilu_w2(out * F.silu(self.swilu_w1(x)))
+            elif self.value_proj is not None:
+                out = self.value_proj(out)
+        if self.gate is not None:
+            out = out * torch.sigmoid(self.gate(x))
+        return out.view(shape)
+
+    def reset_parameters(self, init: ParamInit, init_std: float, factor: float) -> None:
+        # Every parameter, biases included (left uninitialised after meta-device init in the
+        # reference code). Sub-keys ~ 1/sqrt(half) keep initial scores O(1).
+        init.trunc_normal_(self.query_proj.weight, init_std)
+        init.zeros_(self.query_proj.bias)
+        init.trunc_normal_(self.keys, self.half**-0.5)
+        if self.owns_values:
+            self.values.reset_parameters(init)
+        if self.value_proj is not None:
+            init.trunc_normal_(self.value_proj.weight, self.v_dim**-0.5 / factor)
+        if self.swilu_w1 is not None:
+            init.trunc_normal_(self.swilu_w1.weight, init_std)
+            init.trunc_normal_(self.swilu_w2.weight, self.v_dim**-0.5 / factor)
+        if self.gate is not None:
+            init.trunc_normal_(self.gate.weight, init_std)
+            init.zeros_(self.gate.bias)
+        self.row_hits.zero_()
+
+    def optim_overrides(self) -> dict[str, dict]:
+        if not self.owns_values:
+            return {}  # the model that owns the shared table declares it
+        return value_overrides(self.values, "values", self.args)
+
+    def lookup_params_per_token(self) -> int:
+        """Value parameters one token reads (heads * knn rows), for FLOP counting."""
+        tables = 2 if self.args.peer_variant else 1
+        return tables * self.heads * self.knn * self.v_dim
+
+    @torch.no_grad()
+    def usage_stats(self, reset: bool = True) -> dict[str, float]:
+        """How the value rows were used since the last call: fraction of rows hit, KL of the
+        row-access distribution from uniform (nats; 0 = perfectly even), the top row's share."""
+        hits = self.row_hits.double()
+        total = float(hits.sum())
+        if reset:
+            self.row_hits.zero_()
+        if total == 0:
+            return {}
+        p = hits / total
+        nz = p[p > 0]
+        return {
+            "hit_fraction": float((hits > 0).double().mean()),
+            "kl_uniform": float((nz * (nz.log() + math.log(len(p)))).sum()),
+            "top_row_share": float(p.max()),
+        }
+
+
+def value_overrides(values: ValueTable, prefix: str, args: ProductKeyArgs) -> dict[str, dict]:
+    override = {"lr": args.value_fixed_lr, "weight_decay": args.value_weight_decay}
+    names = ["weight"] + (["down"] if values.down is not None else [])
+    return {f"{prefix}.{n}": dict(override) for n in names}

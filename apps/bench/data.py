@@ -17,7 +17,6 @@ upper bound of what a 2-core machine sees at once. Prints one JSON object on std
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os

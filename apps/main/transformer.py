@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lingua.data import IGNORE_INDEX
+from lingua.product_key.memory import ProductKeyArgs, ProductKeyMemory, ValueTable, value_overrides
 from lingua.transformer import (
     BaseTransformer,
     BaseTransformerArgs,
@@ -22,9 +24,6 @@ from lingua.transformer import (
     RMSNorm,
     matmul_flops_per_token,
 )
-
-from lingua.product_key.memory import ProductKeyArgs, ProductKeyMemory, ValueTable, value_overrides
-from lingua.data import IGNORE_INDEX  # noqa: F401  (re-exported: the label models ignore)
 
 
 @dataclass

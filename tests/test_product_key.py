@@ -21,9 +21,6 @@ from lingua.product_key.memory import ProductKeyArgs, ProductKeyMemory, product_
 from lingua.transformer import ParamInit
 from tests.conftest import read_losses, run_module, tiny_overrides
 
-torch.set_default_dtype(torch.float32)
-
-
 def pk_args(**kw) -> ProductKeyArgs:
     base = dict(is_enabled=True, layers="1", mem_n_keys=16, mem_heads=2, mem_knn=4, mem_k_dim=16)
     base.update(kw)

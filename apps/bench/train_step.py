@@ -404,8 +404,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return result
 
 
-
-
 if __name__ == "__main__":
     stderr_logging(logger)
     main()

@@ -65,10 +65,19 @@ def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (fp64 for gradcheck)
     z = z - z.detach().amax(dim=(-2, -1), keepdim=True)
     m = z.clamp(min=-LOG_FLOOR).exp()
+    if torch.compiler.is_compiling():
+        # Inductor fuses each normalisation over the per-token n x n block into one loop.
+        for _ in range(iters):
+            m = m / m.sum(dim=-2, keepdim=True)
+            m = m / m.sum(dim=-1, keepdim=True)
+        return m
+    # Eager: matrix dimensions first, so every entry is a contiguous vector over tokens and each
+    # of the ~4n kernels per iteration is a vectorised pass (5x faster than [..., n, n] on CPU).
+    m = m.movedim((-2, -1), (0, 1)).contiguous()
     for _ in range(iters):
-        m = m / m.sum(dim=-2, keepdim=True)
-        m = m / m.sum(dim=-1, keepdim=True)
-    return m
+        m = m / m.sum(dim=0, keepdim=True)
+        m = m / m.sum(dim=1, keepdim=True)
+    return m.movedim((0, 1), (-2, -1))
 
 
 class HyperConnection(nn.Module):

@@ -45,6 +45,18 @@ def test_sinkhorn_rows_and_columns_sum_to_one():
     assert (h2000.sum(-2) - 1).abs().max() < 1e-3 < (h20.sum(-2) - 1).abs().max()
 
 
+def test_sinkhorn_gradients_stay_finite_for_widely_spread_logits():
+    # Formulations that carry the row and column scale vectors instead of the matrix produce the
+    # same forward but overflow in backward here (the reciprocal's derivative squares scales of
+    # up to e^60): normalising the matrix itself keeps every intermediate in [0, 1].
+    g = torch.Generator().manual_seed(0)
+    for std in (1.0, 30.0, 1000.0):
+        logits = (torch.randn(256, 4, 4, generator=g) * std).requires_grad_()
+        weights = torch.randn(256, 4, 4, generator=g)
+        (grad,) = torch.autograd.grad((sinkhorn_knopp(logits, 20) * weights).sum(), logits)
+        assert torch.isfinite(grad).all(), std
+
+
 def test_sinkhorn_gradient_is_autograd_through_the_iterations():
     logits = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda z: sinkhorn_knopp(z, 5), (logits,))

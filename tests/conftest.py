@@ -73,3 +73,16 @@ def run_module(module: str, argv: list[str], timeout: int = 300, **kwargs) -> su
 def read_losses(dump_dir: Path) -> dict[int, float]:
     rows = [json.loads(l) for l in open(dump_dir / "metrics.jsonl") if l.strip()]
     return {r["global_step"]: r["loss/out"] for r in rows}
+
+
+def decode_step_by_step(model, x, prefix: int, cache_len: int):
+    """Logits for tokens x [1, T] from a forward over x[:, :prefix] followed by one KV-cached
+    forward per remaining token, for comparison with the full forward."""
+    import torch
+
+    with torch.no_grad():
+        caches = model.new_kv_caches(1, cache_len)
+        parts = [model(x[:, :prefix], kv_caches=caches, start=0)]
+        for t in range(prefix, x.shape[1]):
+            parts.append(model(x[:, t : t + 1], kv_caches=caches, start=t))
+    return torch.cat(parts, dim=1)

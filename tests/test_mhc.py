@@ -12,7 +12,7 @@ import torch
 
 from apps.main.transformer import LMTransformerArgs, build_model
 from lingua.mhc import HyperConnection, MHCArgs, amax_gains, amax_stats, composite, sinkhorn_knopp
-from tests.conftest import read_losses, run_module, tiny_overrides
+from tests.conftest import decode_step_by_step, read_losses, run_module, tiny_overrides
 
 
 def tiny_args(**mhc) -> LMTransformerArgs:
@@ -242,8 +242,4 @@ def test_kv_cache_decoding_matches_the_full_forward():
     x = tokens(1, 16)
     with torch.no_grad():
         full = model(x)
-        caches = model.new_kv_caches(1, 16)
-        parts = [model(x[:, :6], kv_caches=caches, start=0)]
-        for t in range(6, 16):
-            parts.append(model(x[:, t : t + 1], kv_caches=caches, start=t))
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode_step_by_step(model, x, prefix=6, cache_len=16), full, atol=1e-5, rtol=1e-5)

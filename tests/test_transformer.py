@@ -12,6 +12,7 @@ from apps.main.generate import GeneratorArgs, generate, sample_next
 from apps.main.transformer import LMTransformerArgs, build_model
 from lingua.tokenizer import build_tokenizer
 from lingua.transformer import Attention, BaseTransformerArgs, RotaryEmbedding
+from tests.conftest import decode_step_by_step
 
 
 def tiny(**kw) -> LMTransformerArgs:
@@ -64,11 +65,7 @@ def test_kv_cache_decoding_equals_full_forward():
     x = torch.randint(0, 258, (1, 30))
     with torch.no_grad():
         full = model(x)
-        caches = model.new_kv_caches(1, 64)
-        parts = [model(x[:, :12], kv_caches=caches, start=0)]
-        for t in range(12, 30):
-            parts.append(model(x[:, t : t + 1], kv_caches=caches, start=t))
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_step_by_step(model, x, prefix=12, cache_len=64), full, atol=1e-4, rtol=1e-4)
 
 
 def test_loss_at_init_is_near_uniform_and_ignores_masked_labels():

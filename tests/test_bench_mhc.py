@@ -20,6 +20,8 @@ def test_bench_reports_the_overhead_of_mhc_over_the_plain_model(capsys):
     assert result["headline_mode"] == "eager" and result["overhead"] == result["overhead_eager"]
     assert len(eager["overhead_per_round"]) == 3
     assert math.isclose(eager["overhead"], statistics.median(eager["overhead_per_round"]))
+    q1, q3 = eager["overhead_quartiles"]
+    assert q1 <= eager["overhead"] <= q3
     assert all(s > 0 for s in eager["step_seconds"].values())
     assert result["targets"]["overhead"]["met"] == (result["overhead"] <= TARGET_OVERHEAD)
     assert result["config"]["mhc"] == {"n_streams": 4, "sinkhorn_iters": 20, "wrap": "sublayer"}

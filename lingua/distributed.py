@@ -123,6 +123,17 @@ def init_distributed(world: WorldInfo, env: Optional[dict] = None) -> None:
         dist.init_process_group("gloo")
 
 
+def shutdown_distributed() -> None:
+    """End a finished multi-process run: wait until every rank is here, then destroy the process
+    groups (no-op for one process). The barrier also lets the gloo worker threads release the
+    last collectives while the interpreter is still whole: a worker that drops a finished work
+    (whose saved thread-local state can hold a Python object) after finalisation has begun
+    cannot take the GIL and aborts the rank with SIGABRT."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def clean_env() -> dict:
     """This process's environment without SLURM / torchrun variables, for launching child jobs
     (an sbatch from inside a job would otherwise inherit the parent job's allocation)."""

@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from apps.main.train import IGNORE_INDEX, TrainArgs, memory_usage_stats, setup_model, train_step  # noqa: E402
@@ -28,6 +27,7 @@ from lingua.distributed import (  # noqa: E402
     init_distributed,
     parallel_dims,
     set_cpu_threads,
+    shutdown_distributed,
     world_info,
 )
 from lingua.optim import build_optimizer  # noqa: E402
@@ -79,9 +79,7 @@ def main() -> None:
     result["memory_stats"] = memory_usage_stats(model)  # a collective: every rank calls it
     if world.rank == 0:
         torch.save(result, out)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def resolve_ckpt_dir(path: str) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = cli_main(EvalArgs, argv)
-    from lingua.distributed import default_device, init_distributed, set_cpu_threads, world_info
+    from lingua.distributed import default_device, init_distributed, set_cpu_threads, shutdown_distributed, world_info
 
     info = world_info()
     init_logger(info.rank)
@@ -232,8 +232,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for name, r in results.items():
             logger.info("%s: loss %.4f  bpb %.4f over %d docs", name, r["loss"], r["bpb"], r["docs"])
         logger.info("validation metrics appended to %s", out_dir / "metrics.validation.jsonl")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
     return results
 
 

@@ -48,6 +48,7 @@ from lingua.distributed import (
     requeue_slurm_job,
     set_cpu_threads,
     setup_env,
+    shutdown_distributed,
     tp_rank,
     world_info,
 )
@@ -393,6 +394,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except NonFiniteLoss as e:
         logging.getLogger(__name__).error("%s", e)
         raise SystemExit(1) from None
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ times full training steps (forward, backward, clipping, AdamW) of both models on
 random batches in short alternating rounds (by default one step each, 30 pairs), so that
 machine noise hits both alike, and prints one JSON object: step times, tokens/s, `overhead` =
 mHC step time / plain step time - 1 (median of the per-round ratios, with their quartiles)
-with both models compiled per block (the headline: the paper's 6.7% is
-for fused kernels), `overhead_eager` with neither compiled, the target, the machine and the
-torch version. Logs go to stderr.
+with both models compiled per block (the headline: the paper's 6.7% is for fused kernels),
+`overhead_eager` with neither compiled, the target, the machine and the torch version. Logs go
+to stderr.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ Field names follow Meta Lingua.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -124,14 +125,28 @@ def init_distributed(world: WorldInfo, env: Optional[dict] = None) -> None:
 
 
 def shutdown_distributed() -> None:
-    """End a finished multi-process run: wait until every rank is here, then destroy the process
-    groups (no-op for one process). The barrier also lets the gloo worker threads release the
-    last collectives while the interpreter is still whole: a worker that drops a finished work
-    (whose saved thread-local state can hold a Python object) after finalisation has begun
-    cannot take the GIL and aborts the rank with SIGABRT."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """End a finished multi-process run (no-op for one process): wait until every rank is here,
+    destroy the process groups, then free them so that their gloo worker threads are joined
+    before the interpreter finalizes.
+
+    Why the last step: a gloo worker drops each finished work a moment after the caller has
+    been woken, and the work can own the last reference to a tensor whose Python object it kept
+    alive. If the interpreter is already finalizing, that thread cannot take the GIL and the
+    rank aborts with SIGABRT ("terminate called without an active exception"), turning a
+    finished run into a failed one. `destroy_process_group` alone does not free the groups:
+    DTensor's sharding caches keep every DeviceMesh alive, and a mesh holds its groups. Freed
+    here, each group's destructor waits for its queue, releases the GIL and joins its threads.
+    Call it once the model is gone (FSDP holds the groups it shards over while it lives): at the
+    end of main(), after the function that trained or evaluated has returned."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for mesh in [obj for obj in gc.get_objects() if isinstance(obj, DeviceMesh)]:
+        getattr(mesh, "_pg_registry", {}).clear()
+    gc.collect()
 
 
 def clean_env() -> dict:

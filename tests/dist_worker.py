@@ -43,8 +43,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def main() -> None:
-    out, *overrides = sys.argv[1:]
+def run(out: str, overrides: list[str]) -> None:
     load = [o.split("=", 1)[1] for o in overrides if o.startswith("load=")]
     overrides = [o for o in overrides if not o.startswith("load=")]
     args = load_config(TrainArgs, TINY + overrides)
@@ -79,7 +78,12 @@ def main() -> None:
     result["memory_stats"] = memory_usage_stats(model)  # a collective: every rank calls it
     if world.rank == 0:
         torch.save(result, out)
-    shutdown_distributed()
+
+
+def main() -> None:
+    out, *overrides = sys.argv[1:]
+    run(out, overrides)
+    shutdown_distributed()  # after run() returned: the model no longer holds the process groups
 
 
 if __name__ == "__main__":

@@ -26,6 +26,14 @@ from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs
 from lingua.args import cli_main, from_dict
 from lingua.checkpoint import list_checkpoints, load_model_weights
 from lingua.data import VAL_GLOB, DataArgs, DataError, encode_document, labels_from, read_documents
+from lingua.distributed import (
+    WorldInfo,
+    default_device,
+    init_distributed,
+    set_cpu_threads,
+    shutdown_distributed,
+    world_info,
+)
 from lingua.logger import init_logger
 from lingua.metrics import MetricLogger
 from lingua.tokenizer import Tokenizer, build_tokenizer
@@ -208,8 +216,6 @@ def resolve_ckpt_dir(path: str) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = cli_main(EvalArgs, argv)
-    from lingua.distributed import default_device, init_distributed, set_cpu_threads, shutdown_distributed, world_info
-
     info = world_info()
     init_logger(info.rank)
     if not args.ckpt_dir:
@@ -220,6 +226,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for key in ("harness", "generator"):
         if getattr(args, key):
             logger.warning("eval: '%s' is accepted for Meta Lingua configs but not run by this command", key)
+    results = evaluate(args, info, device)
+    shutdown_distributed()  # after evaluate() returned: nothing holds the model any more
+    return results
+
+
+def evaluate(args: EvalArgs, info: WorldInfo, device: torch.device) -> dict:
+    """Validate the checkpoint args.ckpt_dir names; rank 0 appends the figures to
+    metrics.validation.jsonl. Returns {source name: {loss, bpb, docs, ...}}."""
     ckpt = resolve_ckpt_dir(args.ckpt_dir)
     model, tokenizer, config = load_model_from_checkpoint(ckpt, device)
     data_args = from_dict(DataArgs, config["data"])
@@ -232,7 +246,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for name, r in results.items():
             logger.info("%s: loss %.4f  bpb %.4f over %d docs", name, r["loss"], r["bpb"], r["docs"])
         logger.info("validation metrics appended to %s", out_dir / "metrics.validation.jsonl")
-    shutdown_distributed()
     return results
 
 

@@ -407,16 +407,18 @@ class PreemptionSignal:
 
 
 def requeue_slurm_job(env: Optional[dict] = None) -> bool:
-    """`scontrol requeue $SLURM_JOB_ID` (call on one rank). False when not in a SLURM job."""
+    """`scontrol requeue $SLURM_JOB_ID` (call on one rank, after the checkpoint is saved). False
+    when not in a SLURM job or when scontrol refuses. SLURM stops the running tasks as soon as it
+    requeues the job, possibly before scontrol has returned, so the log line comes first."""
     env = os.environ if env is None else env
     job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     job_id = job_id or env.get("SLURM_JOB_ID")
     if not job_id:
         logger.warning("not inside a SLURM job: checkpoint saved, not requeued")
         return False
+    logger.warning("requeueing SLURM job %s: it will resume from the checkpoint just saved", job_id)
     out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if out.returncode != 0:
         logger.error("scontrol requeue %s failed: %s", job_id, out.stderr.strip())
         return False
-    logger.warning("requeued SLURM job %s; it will resume from the checkpoint just saved", job_id)
     return True

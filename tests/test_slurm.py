@@ -120,7 +120,7 @@ def test_usr2_requeues_and_resumes_with_identical_losses(corpus, tmp_path):
     wait_for_job(sub["reference"], 200)
     log = (tmp_path / f"signalled/logs/{sub['signalled']}.stdout").read_text()
     assert restarts >= 1, log[-2000:]
-    assert "requeued SLURM job" in log and "resumed from" in log
+    assert "requeueing SLURM job" in log and "resumed from" in log
     a, b = read_losses(tmp_path / "reference"), read_losses(tmp_path / "signalled")
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert [a[s] for s in a] == [b[s] for s in a]

@@ -130,7 +130,7 @@ def test_memory_parallel_with_fsdp_and_tp_on_four_ranks_match_one_process(single
 
 
 COLWISE_SCRIPT = """
-import os, sys, torch, torch.distributed as dist
+import sys, torch, torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from lingua.product_key.colwise_embeddingbag import colwise_weighted_bag, shard_values_by_columns

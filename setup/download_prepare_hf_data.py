@@ -8,17 +8,22 @@
     python setup/download_prepare_hf_data.py stdlib 2 --data_dir ./data          # this Python's stdlib, offline
 
 Output: DATA_DIR/<name>_shuffled/<name>.chunk.XX.jsonl (XX = 00..NCHUNKS-1) and <name>.val.jsonl,
-one ensure_ascii JSON object per line, and a `.done` marker (files, docs, bytes, sha256) written
-last: `.done` present <=> the output is complete.
+one ensure_ascii JSON object per line, and a `.done` marker (files, docs, bytes, sha256, and a digest
+of the source files' (path, size, mtime)) written last: `.done` present <=> the output is complete.
+A re-run whose source files have changed since (added, removed, resized or touched) prepares again;
+the old output stays in place until the new chunks are renamed over it.
 
 Pipeline:
   1. download  huggingface_hub.snapshot_download into DATA_DIR/<name>, with retries (skipped with
                --src_dir, for local datasets and once recorded as finished).
   2. pass 1    stream every document of the sorted source files (parquet rows via pyarrow batches,
-               JSONL lines, zstd-compressed JSONL, whole .txt files), validate it, and append its JSON
-               line to one of K bucket files chosen by a RNG seeded with (seed, file index). K comes
-               from the estimated data size and MEMORY so that a bucket fits in memory. The state
-               (bucket sizes, counts) is saved after every source file, so a killed run resumes.
+               JSONL lines, zstd-compressed JSONL, whole .txt files), validate it with the trainer's
+               own parser (lingua.data.document_segments; a record it rejects stops the run, naming
+               the file and line or row), and append its JSON line to one of K bucket files chosen by
+               a RNG seeded with (seed, file index). K comes from the estimated data size and MEMORY
+               so that a bucket fits in memory. The state (bucket sizes, counts, fingerprints of the
+               files read) is saved after every source file, so a killed run resumes; a finished
+               pass 1 is reused only over the same files.
   3. pass 2    for each bucket in order: load it (or, if it would not fit in MEMORY after all, split
                it on disk into sub-buckets, recursively), shuffle it with a RNG seeded with (seed,
                bucket) and deal its lines round-robin over the chunks with a global counter. The
@@ -52,6 +57,12 @@ from types import MappingProxyType
 from typing import Callable, Iterator, Mapping, Optional
 
 from tqdm import tqdm
+
+# Run as `python setup/download_prepare_hf_data.py`: make the repository's lingua package importable,
+# so that records are checked by the very parser the trainer will read them with.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lingua.data import DataError, document_segments  # noqa: E402
 
 # Fraction of documents moved out of the chunks into <name>.val.jsonl, taken as the first lines
 # of every chunk so that each chunk contributes equally; capped like Meta Lingua's k_validation.
@@ -256,7 +267,9 @@ class SourceFile:
     path: Optional[Path]
     size: int  # bytes on disk: the progress bar's unit
     est_bytes: int  # estimated in-memory size of its JSON lines: chooses K
-    fingerprint: tuple  # (rel, size, mtime_ns): a resumed run checks that done files did not change
+    # (rel, size, mtime_ns): a resumed pass 1 checks that the files it read did not change since, and
+    # `.done` records the digest of all of them, so that a re-run sees added or edited sources.
+    fingerprint: tuple
     rows: int = 0  # parquet only
 
 
@@ -266,6 +279,11 @@ def data_suffix(name: str) -> Optional[str]:
 
 def list_source_files(job: Job) -> list[SourceFile]:
     """The data files under job.root matching its patterns, sorted by relative path, checked."""
+    return [inspect_file(job.root, rel) for rel in list_source_rels(job)]
+
+
+def list_source_rels(job: Job) -> list[str]:
+    """Relative paths of the data files under job.root matching its patterns, sorted."""
     root = job.root
     assert root is not None
     if not root.is_dir():
@@ -285,14 +303,29 @@ def list_source_files(job: Job) -> list[SourceFile]:
         pats = " ".join(job.patterns) if job.patterns else "*"
         raise PrepError(f"{root}: no data files ({', '.join('*' + s for s in DATA_SUFFIXES)}) "
                         f"matching {pats}")
-    return [inspect_file(root, rel) for rel in sorted(rels)]
+    return sorted(rels)
+
+
+def file_fingerprint(rel: str, st: os.stat_result) -> tuple:
+    return rel, st.st_size, st.st_mtime_ns
+
+
+def current_fingerprints(job: Job) -> list[list]:
+    """The fingerprints of the job's sources as they are now, from stat() alone (no file is read)."""
+    if job.root is None:
+        return [list(stdlib_unit().fingerprint)]
+    return [list(file_fingerprint(rel, (job.root / rel).stat())) for rel in list_source_rels(job)]
+
+
+def sources_digest(fingerprints: list[list]) -> str:
+    return hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest()
 
 
 def inspect_file(root: Path, rel: str) -> SourceFile:
     """Size, fingerprint and size estimate; parquet and zstd files are checked here, before any output."""
     path = root / rel
     st = path.stat()
-    fp = (rel, st.st_size, st.st_mtime_ns)
+    fp = file_fingerprint(rel, st)
     suffix = data_suffix(rel)
     if suffix == PARQUET:
         meta = parquet_metadata(path)
@@ -325,8 +358,11 @@ def parquet_metadata(path: Path):
 
 def stdlib_unit() -> SourceFile:
     root = Path(sysconfig.get_paths()["stdlib"])
-    size = sum(p.stat().st_size for p in stdlib_paths(root))
-    return SourceFile(STDLIB, None, size, size + LINE_OVERHEAD * 2000, (STDLIB,))
+    stats = [p.stat() for p in stdlib_paths(root)]
+    size = sum(st.st_size for st in stats)
+    # Another Python (or an edited stdlib) is another corpus: file count, bytes and newest mtime.
+    fp = (STDLIB, len(stats), size, max((st.st_mtime_ns for st in stats), default=0))
+    return SourceFile(STDLIB, None, size, size + LINE_OVERHEAD * 2000, fp)
 
 
 def stdlib_paths(root: Path) -> list[Path]:
@@ -365,18 +401,22 @@ class ReadStats:
     skipped_examples: list[str] = field(default_factory=list)
 
 
-def record_problem(doc: object) -> Optional[str]:
-    """None if `doc` is a record the trainer can read, else what is wrong with it."""
-    if not isinstance(doc, dict):
-        return f"a JSON object is needed, got {type(doc).__name__}"
-    if isinstance(doc.get("text"), str):
-        return None
-    for a, b in (("input", "output"), ("prompt", "response")):
-        if isinstance(doc.get(a), str) and isinstance(doc.get(b), str):
-            return None
-    if isinstance(doc.get("messages"), list) or isinstance(doc.get("conversations"), list):
-        return None
-    return f"no {RECORD_SHAPES} (keys: {', '.join(sorted(map(str, doc))) or 'none'})"
+def check_record(doc: object, where: Callable[[], str]) -> None:
+    """PrepError naming where() (the source file and line or row) unless the trainer accepts `doc`.
+
+    The trainer's own parser decides: a record it would reject (an empty chat, no assistant turn,
+    an unknown role, a half pair) would otherwise stop a training run hours in, at a chunk line
+    that no longer says which source line it came from.
+    """
+    try:
+        document_segments(doc, "")
+    except DataError:
+        # Parsed again, for the message only: naming the place of every good line would cost
+        # about as much as the check itself.
+        try:
+            document_segments(doc, where())
+        except DataError as e:
+            raise PrepError(str(e)) from None
 
 
 def to_line(doc: dict) -> bytes:
@@ -393,9 +433,7 @@ def jsonl_line(raw: bytes, where: Callable[[], str]) -> Optional[bytes]:
         doc = json.loads(raw)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise PrepError(f"{where()}: not valid JSON ({e})") from None
-    problem = record_problem(doc)
-    if problem:
-        raise PrepError(f"{where()}: {problem}")
+    check_record(doc, where)
     # An ASCII line is already what to_line would write, modulo spacing: keep the user's bytes.
     return raw.strip() + b"\n" if raw.isascii() else to_line(doc)
 
@@ -447,9 +485,7 @@ def read_parquet(src: SourceFile, progress: ByteProgress, budget: int) -> Iterat
         for batch in batches:
             for doc in batch.to_pylist():
                 row += 1
-                problem = record_problem(doc)
-                if problem:
-                    raise PrepError(f"{src.path}: row {row}: {problem}")
+                check_record(doc, lambda: f"{src.path}: row {row}")
                 yield to_line(doc)
             progress.add(src.size * batch.num_rows / max(1, src.rows))
     except PrepError:
@@ -741,6 +777,12 @@ class ChunkWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
+        # Replacing an older finished output: its marker goes first, so that no moment shows a
+        # `.done` beside chunks it does not describe (a crash here leaves no marker: a re-run redoes it).
+        out_dir = self.finals[0].parent
+        if (out_dir / MARKER).exists():
+            (out_dir / MARKER).unlink()
+            fsync_dir(out_dir)
         for p in self.finals:
             os.replace(tmp_name(p), p)
         return {p.name: {"docs": d, "bytes": b, "sha256": h.hexdigest()}
@@ -848,7 +890,7 @@ def check_existing(out_dir: Path, name: str, planned: set[str]) -> Optional[dict
     return None
 
 
-def already_prepared(out_dir: Path, done: dict, job: Job, args: PrepArgs) -> dict:
+def check_same_args(out_dir: Path, done: dict, job: Job, args: PrepArgs) -> None:
     # MEMORY only bounds RAM and data_dir is where we are; the rest defines the output.
     wanted = {"dataset": job.name, "seed": args.seed, "nchunks": args.nchunks}
     found = {k: done.get(k) for k in wanted}
@@ -857,11 +899,40 @@ def already_prepared(out_dir: Path, done: dict, job: Job, args: PrepArgs) -> dic
             f"{out_dir} already holds a finished preparation with {found}, not {wanted}; "
             f"use another --data_dir or remove {out_dir} first"
         )
+
+
+def sources_changed(out_dir: Path, done: dict, job: Job) -> Optional[str]:
+    """Why the finished output no longer matches the sources, or None if it does or cannot be told."""
+    marker = out_dir / MARKER
+    try:
+        now = current_fingerprints(job)
+    except PrepError as e:
+        # Sources may be gone on purpose (a download deleted to free the disk): the output stands.
+        print(f"warning: source files not checked against {marker}: {e}", file=sys.stderr)
+        return None
+    recorded = done.get("source_fingerprint")
+    if recorded is None:
+        print(f"warning: source files not checked: {marker} predates source fingerprints "
+              f"(remove {out_dir} to prepare again from the current files)", file=sys.stderr)
+        return None
+    if recorded == sources_digest(now):
+        return None
+    return (f"the source files changed since {marker} was written ({done.get('source_files')} files then, "
+            f"{len(now)} now: added, removed or modified)")
+
+
+def already_prepared(out_dir: Path, done: dict) -> dict:
     for fname, info in done.get("files", {}).items():
         p = out_dir / fname
         if not p.exists() or p.stat().st_size != info.get("bytes"):
             raise PrepError(f"{p} is missing or changed since {out_dir / MARKER} was written; "
                             f"remove {out_dir} to prepare again")
+    work = out_dir / WORK_DIR
+    if work.exists():
+        # Pass-1 work beside a current output is stale (a redo that failed, then the sources were
+        # changed back), and its buckets would keep a corpus' worth of disk.
+        shutil.rmtree(work)
+        print(f"removed stale pass-1 work {work}")
     print(f"already prepared: {out_dir} ({done.get('n_docs')} documents; marker {out_dir / MARKER})")
     print(f"next: {NEXT_COMMAND}")
     return {"out_dir": str(out_dir), "already_prepared": True, "n_docs": done.get("n_docs"), "mb_per_s": None}
@@ -881,12 +952,14 @@ def missing_dirs(path: Path) -> list[Path]:
     return out
 
 
-def load_pass1_done(work: Path, job: Job, seed: int) -> Optional[tuple[Plan, Pass1State]]:
-    """A finished pass 1 of this dataset and seed: no download or reading needed again."""
-    plan, state = load_dataclass(Plan, work / "plan.json"), load_dataclass(Pass1State, work / "pass1.done")
-    if plan is None or state is None or (plan.name, plan.seed) != (job.name, seed):
+def load_pass1_done(work: Path, plan: Plan, files: list[SourceFile]) -> Optional[tuple[Plan, Pass1State]]:
+    """A finished pass 1 of this dataset and seed over these very files: no reading needed again."""
+    old, state = load_dataclass(Plan, work / "plan.json"), load_dataclass(Pass1State, work / "pass1.done")
+    if old is None or state is None or (old.name, old.seed, old.files) != (plan.name, plan.seed, plan.files):
         return None
-    return plan, state
+    if state.fingerprints != [list(f.fingerprint) for f in files]:
+        return None  # a file was added, removed or edited since: its buckets are stale
+    return old, state
 
 
 def pass1_with_resume(job: Job, args: PrepArgs, out_dir: Path, work: Path) -> tuple[Plan, Pass1State, bool]:
@@ -897,6 +970,11 @@ def pass1_with_resume(job: Job, args: PrepArgs, out_dir: Path, work: Path) -> tu
     budget = int(args.memory_gb * GB)
     est = sum(f.est_bytes for f in files)
     plan = Plan(job.name, args.seed, choose_nbuckets(est, budget), budget, args.memory_gb, [f.rel for f in files])
+    finished = load_pass1_done(work, plan, files)
+    if finished is not None:
+        plan, state = finished
+        print(f"pass 1 already done ({state.n_docs} documents in {plan.nbuckets} buckets in {work}); shuffling")
+        return plan, state, True
     created = missing_dirs(out_dir)  # removed again if nothing useful gets written
     resumed = resume_pass1(work, plan, files) if work.exists() else None
     if resumed is not None:
@@ -936,19 +1014,18 @@ def prepare(args: PrepArgs) -> dict:
     work = out_dir / WORK_DIR
     planned = {chunk_name(job.name, i) for i in range(args.nchunks)} | {val_name(job.name)}
 
-    # Fast path before downloading or reading anything: a finished output with the same arguments.
+    # Fast path before downloading or reading anything: a finished output with the same arguments,
+    # of sources whose stat() is unchanged.
     done = check_existing(out_dir, job.name, planned)
     if done is not None:
-        return already_prepared(out_dir, done, job, args)
+        check_same_args(out_dir, done, job, args)
+        changed = sources_changed(out_dir, done, job)
+        if changed is None:
+            return already_prepared(out_dir, done)
+        print(f"{changed}; preparing again (the finished output stays as it is until the new one replaces it)")
 
     t0 = time.perf_counter()
-    finished = load_pass1_done(work, job, args.seed)
-    if finished is not None:
-        plan, state = finished
-        resumed = True
-        print(f"pass 1 already done ({state.n_docs} documents in {plan.nbuckets} buckets in {work}); shuffling")
-    else:
-        plan, state, resumed = pass1_with_resume(job, args, out_dir, work)
+    plan, state, resumed = pass1_with_resume(job, args, out_dir, work)
     t1 = time.perf_counter()
 
     val_per_chunk = plan_split(state.n_docs, args.nchunks, job.name)
@@ -968,6 +1045,7 @@ def prepare(args: PrepArgs) -> dict:
         "source": job.label,
         "source_files": len(plan.files),
         "source_bytes": state.source_bytes,
+        "source_fingerprint": sources_digest(state.fingerprints),
         "json_bytes": state.json_bytes,
         "nbuckets": plan.nbuckets,
         "memory_gb": plan.memory_gb,

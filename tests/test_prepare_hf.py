@@ -11,6 +11,7 @@ import collections
 import fnmatch
 import importlib.util
 import json
+import os
 import random
 import shutil
 import signal
@@ -537,7 +538,7 @@ def test_jsonl_zst_txt_and_chat_records_pass_through(mod, capsys, tmp_path: Path
     records = [
         {"input": "2+2?", "output": "4", "meta": {"k": [1, 2]}},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "héllo \u2028 ✓"}]},
-        {"conversations": [{"from": "human", "value": "q"}]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
         {"text": "unicode: ünïcødé 日本語 \U0001f600"},
     ] * 5
     cctx = zstandard.ZstdCompressor()
@@ -574,3 +575,230 @@ def test_importable_without_side_effects(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code, str(SCRIPT)], capture_output=True, text=True, cwd=tmp_path)
     assert res.stdout.split() == ["True", "True", "False", "False"], res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 7. sources changed
+
+
+def add_documents(src: Path, n: int, tag: str) -> list[dict]:
+    """Appends n new documents to the first source file and writes a new file of n more."""
+    first = sorted(src.glob("*.jsonl"))[0]
+    added = [{"text": f"added {tag} {i}", "n": f"{tag}-{i}"} for i in range(2 * n)]
+    with open(first, "a") as f:
+        f.write("".join(json.dumps(d) + "\n" for d in added[:n]))
+    (src / f"part-new-{tag}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in added[n:]))
+    return added
+
+
+def test_finished_output_is_redone_when_sources_change(mod, capsys, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    docs = write_jsonl_files(src, nfiles=2, docs_per_file=100, doc_bytes=200)
+    data = tmp_path / "data"
+    out = data / "corpus_shuffled"
+    args = ["corpus", "1", "--src_dir", src, "--data_dir", data, "--nchunks", "2"]
+    rc, _, err = run(mod, capsys, *args)
+    assert rc == 0, err
+    (out / "notes.txt").write_text("the user's own file")
+    rc, stdout, err = run(mod, capsys, *args)
+    assert rc == 0 and "already prepared" in stdout, err
+
+    docs += add_documents(src, 20, "a")
+    rc, stdout, err = run(mod, capsys, *args)
+    assert rc == 0, err
+    assert "already prepared" not in stdout and "changed" in stdout
+    assert_exactly_once(out, docs)
+    assert {p.name for p in out.iterdir()} == {".done", "notes.txt", "corpus.val.jsonl", "corpus.chunk.00.jsonl",
+                                              "corpus.chunk.01.jsonl"}
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert json.loads((out / ".done").read_text())["n_docs"] == len(docs)
+
+    # Same size, same name, other content: the fingerprint still sees it (mtime).
+    first = src / "part-000.jsonl"
+    before, mtime = first.read_text(), first.stat().st_mtime_ns
+    assert before.startswith('{"text": "doc 0-0 ')
+    first.write_text(before.replace("doc 0-0 ", "DOC 0-0 ", 1))
+    os.utime(first, ns=(mtime + 10**9, mtime + 10**9))  # an edit a second later, whatever the fs's mtime tick
+    assert first.stat().st_size == len(before)
+    docs[0] = {**docs[0], "text": docs[0]["text"].replace("doc 0-0 ", "DOC 0-0 ", 1)}
+    rc, stdout, err = run(mod, capsys, *args)
+    assert rc == 0 and "already prepared" not in stdout, err
+    assert_exactly_once(out, docs)
+    rc, stdout, _ = run(mod, capsys, *args)
+    assert rc == 0 and "already prepared" in stdout
+
+    # A redo that fails leaves the finished output as it was, marker included.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (src / "part-bad.jsonl").write_text('{"txt": "typo"}\n')
+    rc, _, err = run(mod, capsys, *args)
+    assert rc == 1 and f"{src / 'part-bad.jsonl'}:1:" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (out / ".prep-work").exists()  # the redo's pass 1 over the files before the bad one
+    (src / "part-bad.jsonl").unlink()
+    rc, stdout, _ = run(mod, capsys, *args)
+    assert rc == 0 and "already prepared" in stdout and not (out / ".prep-work").exists()
+
+    # Sources gone (moved, or a download deleted to free disk): the output stands, with a warning.
+    shutil.rmtree(src)
+    rc, stdout, err = run(mod, capsys, *args)
+    assert rc == 0 and "already prepared" in stdout and "not checked" in err
+    assert_exactly_once(out, docs)
+
+
+def test_finished_pass1_is_redone_when_sources_change(mod, capsys, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    docs = write_jsonl_files(src, nfiles=2, docs_per_file=10, doc_bytes=50)
+    data = tmp_path / "data"
+    # 32 chunks cannot be filled: the finished first pass is kept for the retry.
+    rc, _, err = run(mod, capsys, "corpus", "1", "--src_dir", src, "--data_dir", data)
+    assert rc == 1 and "smaller --nchunks" in err
+    assert (data / "corpus_shuffled" / ".prep-work" / "pass1.done").exists()
+
+    docs += add_documents(src, 5, "b")
+    rc, stdout, err = run(mod, capsys, "corpus", "1", "--src_dir", src, "--data_dir", data, "--nchunks", "2")
+    assert rc == 0, err
+    assert "pass 1 already done" not in stdout
+    assert_exactly_once(data / "corpus_shuffled", docs)
+
+
+# ----------------------------------------------------------------------------- 8. records the trainer rejects
+
+
+TRAINER_REJECTS = {
+    "empty_messages": {"messages": []},
+    "no_assistant_turn": {"conversations": [{"from": "human", "value": "q"}]},
+    "unknown_role": {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "a"}]},
+    "both_pair_spellings": {"prompt": "p", "response": "r", "output": "o"},
+}
+
+
+def trainer_verdict(record: dict) -> str | None:
+    """What the trainer's own parser says of the record: None if it trains on it, else its error."""
+    from lingua.data import DataError, parse_document
+
+    try:
+        parse_document(json.dumps(record).encode(), "x", 0)
+        return None
+    except DataError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINER_REJECTS))
+def test_records_the_trainer_rejects_fail_prep_naming_the_line(mod, capsys, tmp_path: Path, kind: str) -> None:
+    bad = TRAINER_REJECTS[kind]
+    assert trainer_verdict(bad) is not None  # the premise: training would stop on this line
+    src = tmp_path / "src"
+    src.mkdir()
+    good = [{"text": f"doc {i}"} for i in range(2)]
+    (src / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in [*good, bad]))
+    data = tmp_path / "data"
+    rc, _, err = run(mod, capsys, "corpus", "1", "--src_dir", src, "--data_dir", data, "--nchunks", "1")
+    assert rc == 1 and f"{src / 'a.jsonl'}:3:" in err, err
+    assert_no_output(data)
+
+    # A parquet row: named by its row number.
+    (src / "a.jsonl").unlink()
+    # The first row names the columns (from_pylist): give it all of them, as nulls.
+    rows = [{"text": "ok", **dict.fromkeys(bad)}, {"text": None, **bad}]
+    pq.write_table(pa.Table.from_pylist(rows), src / "b.parquet")
+    rc, _, err = run(mod, capsys, "corpus", "1", "--src_dir", src, "--data_dir", data, "--nchunks", "1")
+    assert rc == 1 and f"{src / 'b.parquet'}: row 2:" in err, err
+    assert_no_output(data)
+
+
+def test_prep_accepts_what_the_trainer_accepts(mod, capsys, tmp_path: Path) -> None:
+    records = [
+        {"input": "i", "output": "o", "prompt": "p", "response": "r"},
+        {"text": "t", "messages": []},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                      {"role": "assistant", "content": "a"}]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+    ]
+    assert [trainer_verdict(r) for r in records] == [None] * len(records)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in records * 3))
+    rc, _, err = run(mod, capsys, "corpus", "1", "--src_dir", src, "--data_dir", tmp_path / "d", "--nchunks", "1")
+    assert rc == 0, err
+    assert collections.Counter(key(d) for d in output_docs(tmp_path / "d" / "corpus_shuffled")) == \
+        collections.Counter(key(d) for d in records * 3)
+
+
+# ----------------------------------------------------------------------------- 9. shuffle quality
+
+
+def shuffled_positions(out: Path, name: str) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+    """Document number -> its index g in the shuffled order, and -> (chunk, line) for chunk lines.
+
+    The writer deals g round-robin: position p = g // nchunks of chunk g % nchunks, and the first
+    val_docs_per_chunk positions of every chunk go to the val file, in order of g.
+    """
+    marker = json.loads((out / ".done").read_text())
+    n, v = marker["nchunks"], marker["val_docs_per_chunk"]
+    pos, where = {}, {}
+    for g, line in enumerate((out / f"{name}.val.jsonl").read_bytes().splitlines()):
+        pos[json.loads(line)["n"]] = g
+    for c in range(n):
+        for j, line in enumerate((out / f"{name}.chunk.{c:02d}.jsonl").read_bytes().splitlines()):
+            doc = json.loads(line)["n"]
+            pos[doc], where[doc] = (v + j) * n + c, (c, j)
+    return pos, where
+
+
+def spearman(a: list[int], b: list[int]) -> float:
+    """Rank correlation of two permutations of range(len(a))."""
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))
+
+
+# One in-memory bucket; buckets; buckets split again in pass 2 (lines under LINE_OVERHEAD bytes
+# make the size estimate low).
+@pytest.mark.parametrize("memory,doc_bytes,bucketed,split", [("1", 40, False, False), ("0.002", 250, True, False),
+                                                             ("0.0002", 30, True, True)])
+def test_shuffle_is_uniform_and_seeded(mod, capsys, tmp_path: Path, monkeypatch, memory: str, doc_bytes: int,
+                                       bucketed: bool, split: bool) -> None:
+    nfiles, per_file, nchunks = 4, 1000, 4
+    ndocs = nfiles * per_file
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in range(nfiles):  # numbered in input order: file by file, line by line
+        (src / f"part-{f}.jsonl").write_text("".join(
+            json.dumps({"text": f"document {n} ".ljust(doc_bytes - 20, "x"), "n": n}) + "\n"
+            for n in range(f * per_file, (f + 1) * per_file)))
+    tags = []
+    real_shuffle = mod.shuffle_bucket
+
+    def recording(path, n_lines, nbytes, tag, *a, **kw):
+        tags.append(tag)
+        return real_shuffle(path, n_lines, nbytes, tag, *a, **kw)
+
+    monkeypatch.setattr(mod, "shuffle_bucket", recording)
+
+    def prep(seed: int, data: Path) -> tuple[dict[int, int], dict[int, tuple[int, int]], dict]:
+        rc, _, err = run(mod, capsys, "corpus", memory, "--src_dir", src, "--data_dir", data, "--seed", seed,
+                         "--nchunks", nchunks)
+        assert rc == 0, err
+        out = data / "corpus_shuffled"
+        pos, where = shuffled_positions(out, "corpus")
+        assert sorted(pos) == list(range(ndocs)) and sorted(pos.values()) == list(range(ndocs))
+        return pos, where, json.loads((out / ".done").read_text())
+
+    pos, where, marker = prep(42, tmp_path / "a")
+    assert (marker["nbuckets"] > 1) == bucketed and any("." in t for t in tags) == split, (marker["nbuckets"], tags)
+    order = [pos[i] for i in range(ndocs)]
+    # No trace of the input order: rank correlation ~ N(0, 1/sqrt(4000) = 0.016).
+    assert abs(spearman(list(range(ndocs)), order)) < 0.1
+    # Every chunk holds its share of every quarter of the input (~250 documents each, sd ~14).
+    quarters = collections.Counter((c, i * 4 // ndocs) for i, (c, _) in where.items())
+    expected = len(where) / nchunks / 4
+    assert all(abs(quarters[c, q] - expected) < 0.25 * expected for c in range(nchunks) for q in range(4)), quarters
+    # Neighbours in the input are not neighbours in the output (expected ~2 pairs of 3999).
+    kept = sum(abs(order[i + 1] - order[i]) == 1 for i in range(ndocs - 1))
+    same_file = [i for i in range(ndocs - 1) if i in where and i + 1 in where and where[i][0] == where[i + 1][0]]
+    kept_in_file = sum(abs(where[i + 1][1] - where[i][1]) == 1 for i in same_file)
+    assert kept / (ndocs - 1) < 0.005 and kept_in_file / (ndocs - 1) < 0.005, (kept, kept_in_file)
+
+    again, _, _ = prep(42, tmp_path / "b")
+    assert again == pos
+    other, _, _ = prep(7, tmp_path / "c")
+    assert other != pos
+    assert abs(spearman(order, [other[i] for i in range(ndocs)])) < 0.1

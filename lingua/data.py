@@ -16,17 +16,20 @@ several windows, never dropped.
 Each stage has a small JSON state, so a checkpoint resumes the exact batch sequence:
 the reader saves (epoch, file, byte offset, line); a token stream saves the reader state at
 its current document plus the offset in it; the shuffle buffer saves the stage states and
-RNG at the buffer's start plus how many batches it has emitted. `load_async` runs the same
-pipeline in a child process that sends (batch, state after batch) pairs.
+RNG at the buffer's start, the buffer's geometry and how many of its windows it has emitted.
+`load_async` runs the same pipeline in a child process that sends (batch, state after batch) pairs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue
+import signal
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +57,14 @@ CHAT_FIELDS = ("messages", "conversations")
 
 # A document as consecutive (text, trained) pieces.
 Segments = list[tuple[str, bool]]
+
+# Signals a launcher sends to the whole process group that the trainer handles itself: SLURM's
+# USR2 before a preemption (save, requeue) and Ctrl-C's SIGINT (close the loader, exit). Left at
+# their defaults, they would kill the loader child before the trainer can act on them.
+LOADER_IGNORED_SIGNALS = (signal.SIGUSR2, signal.SIGINT)
+# Ranks whose shares of a source differ more than this in bytes get a warning: ranks read at one
+# rate, so the documents of a smaller share are seen more often.
+SHARE_IMBALANCE_WARN = 1.1
 
 
 class DataError(ValueError):
@@ -100,16 +111,31 @@ def source_files(args: DataArgs, pattern: str = CHUNK_GLOB) -> dict[str, list[Pa
 
 
 def assign_files(files: list[Path], rank: int, world_size: int) -> list[tuple[str, int, int]]:
-    """This rank's share as (path, stride, offset): it reads lines with line % stride == offset.
+    """This rank's share as (path, stride, offset) triples: it reads the lines of `path` with
+    line % stride == offset. Every line is read by exactly one rank.
 
-    With at least as many files as ranks, files are dealt round-robin (every file read by one
-    rank, none dropped). With fewer, the ranks sharing a file split its lines.
+    Ranks consume at one rate, so their shares must be equal or the documents of a smaller share
+    are seen more often. With g = gcd(files, ranks), ranks r = j (mod g) split the lines of every
+    file c = j (mod g) among themselves: whole files round-robin when the ranks divide the files,
+    files shared by a fixed set of ranks when the files divide the ranks, and otherwise each rank
+    reads a strided slice of files/g files. Each rank so gets files/ranks files' worth of lines,
+    which is the same share when the files are of equal length (setup/download_prepare_hf_data.py
+    deals lines round-robin) or when g = 1; `share_imbalance` measures the rest.
     """
     n = len(files)
-    if n >= world_size:
-        return [(str(f), 1, 0) for i, f in enumerate(files) if i % world_size == rank]
-    sharing = [r for r in range(world_size) if r % n == rank % n]
-    return [(str(files[rank % n]), len(sharing), sharing.index(rank))]
+    groups = math.gcd(n, world_size)
+    stride = world_size // groups
+    k = rank // groups
+    # A file's first (lines % stride) offsets get one line more; rotating the offset per file
+    # spreads those extra lines over the group's ranks instead of always giving them to k = 0.
+    return [(str(files[c]), stride, (k + t) % stride) for t, c in enumerate(range(rank % groups, n, groups))]
+
+
+def share_imbalance(files: list[Path], world_size: int) -> float:
+    """Largest over smallest rank share of `files`, estimated from file sizes in bytes."""
+    sizes = {str(f): os.path.getsize(f) for f in files}
+    shares = [sum(sizes[p] / stride for p, stride, _ in assign_files(files, r, world_size)) for r in range(world_size)]
+    return max(shares) / max(min(shares), 1.0)
 
 
 def _render_chat(messages: Any, where: str) -> Segments:
@@ -205,14 +231,27 @@ class JSONLReader:
     def __init__(self, assignments: list[tuple[str, int, int]], skip_bad_lines: bool = False):
         self.assignments = assignments
         self.skip_bad_lines = skip_bad_lines
+        # A position means nothing in another share (file_idx and byte index its own files), so
+        # the state names the share; file names only, so a moved data.root_dir still resumes.
+        names = [(Path(p).name, stride, offset) for p, stride, offset in assignments]
+        self.share = hashlib.sha1(json.dumps(names).encode()).hexdigest()[:16]
         self.epoch, self.file_idx, self.byte, self.line = 0, 0, 0, 0
         self.skipped = 0
         self._file = None
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "file_idx": self.file_idx, "byte": self.byte, "line": self.line}
+        return {"epoch": self.epoch, "file_idx": self.file_idx, "byte": self.byte, "line": self.line,
+                "share": self.share}
 
     def load(self, state: dict) -> None:
+        # States written before the share was saved have none: accepted as before.
+        if state.get("share", self.share) != self.share or not 0 <= state["file_idx"] < len(self.assignments):
+            where = Path(self.assignments[0][0]).parent if self.assignments else "?"
+            raise DataError(
+                f"the data state was saved for another share of the chunks in '{where}': the chunk files "
+                f"under data.root_dir or their assignment to ranks changed since the checkpoint, so its "
+                f"position cannot be resumed"
+            )
         self.close()
         self.epoch, self.file_idx, self.byte, self.line = (state[k] for k in ("epoch", "file_idx", "byte", "line"))
 
@@ -329,16 +368,25 @@ class PackedBatches:
         self.weights = weights / weights.sum()
         self.rng = np.random.default_rng([args.seed, rank])
         self.buffer: Optional[tuple[np.ndarray, np.ndarray]] = None  # (tokens, masks) of whole windows
-        self.emitted = 0
+        # The buffer's shape, which differs from the config's after a resume with another one.
+        self.geometry = self._config_geometry()
+        self.rows = 0  # windows of the buffer emitted so far
         self.start = self._snapshot()
+
+    def _config_geometry(self) -> dict:
+        return {"prefetch_size": self.n_batches_per_buffer, "batch_size": self.args.batch_size,
+                "seq_len": self.args.seq_len}
 
     def _snapshot(self) -> dict:
         return {"streams": {n: s.state() for n, s in self.streams.items()}, "rng": self.rng.bit_generator.state}
 
     def state_dict(self) -> dict:
-        return {"start": self.start, "emitted": self.emitted}
+        return {"start": self.start, "geometry": dict(self.geometry), "rows": self.rows}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at `state`. A buffer saved with another data.prefetch_size, batch_size or seq_len
+        is rebuilt with its own geometry (so it holds the same windows) and its rest is emitted in
+        batches of the config's shape; what cannot fill a whole batch is dropped with a warning."""
         start = state["start"]
         if set(start["streams"]) != set(self.streams):
             raise DataError(
@@ -347,35 +395,64 @@ class PackedBatches:
         for name, stream in self.streams.items():
             stream.load(start["streams"][name])
         self.rng.bit_generator.state = start["rng"]
-        self.start, self.buffer, self.emitted = start, None, 0
-        if state["emitted"]:
-            self._fill()
-            self.emitted = state["emitted"]
+        # States written before the geometry was saved counted batches of the config's shape.
+        geometry = state.get("geometry") or self._config_geometry()
+        rows = state["rows"] if "rows" in state else state["emitted"] * geometry["batch_size"]
+        if rows >= geometry["prefetch_size"] * geometry["batch_size"]:
+            hint = "" if "geometry" in state else (
+                "; it was saved without its geometry, so resume with the data.prefetch_size and data.batch_size "
+                f"it was saved with (this run has {self.n_batches_per_buffer} and {self.args.batch_size})")
+            raise DataError(
+                f"the data state points past the end of its shuffle buffer ({rows} windows emitted of "
+                f"{geometry['prefetch_size']} x {geometry['batch_size']}){hint}"
+            )
+        self.start, self.buffer, self.rows = start, None, 0
+        self.geometry = self._config_geometry()
+        if rows:
+            self._fill(geometry)
+            self.rows = rows
+            self._end_buffer_if_spent()
 
     @property
     def n_batches_per_buffer(self) -> int:
         return max(1, self.args.prefetch_size)
 
-    def _fill(self) -> None:
+    def _fill(self, geometry: dict) -> None:
         names = list(self.streams)
-        n_windows = self.n_batches_per_buffer * self.args.batch_size
+        n_windows = geometry["prefetch_size"] * geometry["batch_size"]
         picks = self.rng.choice(len(names), size=n_windows, p=self.weights)
-        windows = [self.streams[names[i]].window(self.args.seq_len) for i in picks]
+        windows = [self.streams[names[i]].window(geometry["seq_len"]) for i in picks]
         order = self.rng.permutation(n_windows)
         self.buffer = np.stack([w[0] for w in windows])[order], np.stack([w[1] for w in windows])[order]
+        self.geometry = dict(geometry)
+
+    def _end_buffer_if_spent(self) -> None:
+        """Start the next buffer once this one cannot give a whole batch of the config's shape."""
+        left = len(self.buffer[0]) - self.rows
+        if left >= self.args.batch_size and self.geometry["seq_len"] == self.args.seq_len:
+            return
+        if left:  # only after a resume with another geometry: a buffer of the config's is spent exactly
+            logger.warning(
+                "the data state was saved with data.batch_size=%d, data.seq_len=%d, data.prefetch_size=%d and "
+                "this run has data.batch_size=%d, data.seq_len=%d, data.prefetch_size=%d: %d windows (%d tokens) "
+                "of the saved shuffle buffer fit no whole batch and are dropped",
+                self.geometry["batch_size"], self.geometry["seq_len"], self.geometry["prefetch_size"],
+                self.args.batch_size, self.args.seq_len, self.n_batches_per_buffer, left,
+                left * self.geometry["seq_len"])
+        self.buffer, self.rows = None, 0
+        self.geometry = self._config_geometry()
+        self.start = self._snapshot()
 
     def __iter__(self) -> "PackedBatches":
         return self
 
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
         if self.buffer is None:
-            self._fill()
-        rows = slice(self.emitted * self.args.batch_size, (self.emitted + 1) * self.args.batch_size)
+            self._fill(self._config_geometry())
+        rows = slice(self.rows, self.rows + self.args.batch_size)
         tokens, mask = self.buffer[0][rows], self.buffer[1][rows]
-        self.emitted += 1
-        if self.emitted == self.n_batches_per_buffer:
-            self.buffer, self.emitted = None, 0
-            self.start = self._snapshot()
+        self.rows += self.args.batch_size
+        self._end_buffer_if_spent()
         return tokens[:, :-1], labels_from(tokens, mask)
 
     def n_tokens_read(self) -> int:
@@ -391,6 +468,11 @@ def _produce(
 ) -> None:
     """Child process body: send (input, label, state after batch), or ("error", message).
     Exits when told to or when the trainer is gone (a SIGKILLed parent cannot tell it)."""
+    # Here rather than in the parent, so it holds whichever way the child was started; the signals
+    # were blocked since before the start, so one sent meanwhile is discarded, not fatal.
+    for signum in LOADER_IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, LOADER_IGNORED_SIGNALS)
     try:
         batches = PackedBatches(args, rank, world_size)
         if state is not None:
@@ -409,17 +491,35 @@ def _produce(
 
 
 class AsyncBatches:
-    """PackedBatches in a child process; state_dict() is the state after the last batch taken."""
+    """PackedBatches in a child process; state_dict() is the state after the last batch taken.
 
-    def __init__(self, args: DataArgs, rank: int, world_size: int, state: Optional[dict], queue_size: int = 8):
-        ctx = mp.get_context("fork")  # the child needs no torch; fork avoids re-importing the trainer
-        self.queue = ctx.Queue(maxsize=queue_size)
-        self.stop = ctx.Event()
+    The child is forked by default: it needs no torch, and fork avoids re-importing the trainer.
+    `start_method="spawn"` also works. "forkserver" is refused: its server is a helper process in
+    the trainer's process group that a group signal such as SLURM's USR2 kills, after which the
+    trainer can no longer tell whether the loader child lives."""
+
+    def __init__(
+        self, args: DataArgs, rank: int, world_size: int, state: Optional[dict], queue_size: int = 8,
+        start_method: str = "fork",
+    ):
+        if start_method not in ("fork", "spawn"):
+            raise ValueError(f"start_method={start_method!r}: the data loader child is started by 'fork' or 'spawn'")
         self.state = state if state is not None else PackedBatches(args, rank, world_size).state_dict()
-        self.process = ctx.Process(
-            target=_produce, args=(args, rank, world_size, state, self.queue, self.stop, os.getpid()), daemon=True
-        )
-        self.process.start()
+        ctx = mp.get_context(start_method)
+        # Blocked until the child has ignored them (fork and exec keep the mask), so a signal to the
+        # process group during the start cannot kill it; the trainer gets its copy on unblocking.
+        # The queue is made inside too: under spawn it starts the stdlib resource tracker, which
+        # then keeps USR2 blocked instead of dying of it.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, LOADER_IGNORED_SIGNALS)
+        try:
+            self.queue = ctx.Queue(maxsize=queue_size)
+            self.stop = ctx.Event()
+            self.process = ctx.Process(
+                target=_produce, args=(args, rank, world_size, state, self.queue, self.stop, os.getpid()), daemon=True
+            )
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def state_dict(self) -> dict:
         return self.state
@@ -448,10 +548,24 @@ class AsyncBatches:
         self.queue.close()
 
 
+def warn_unequal_shares(files: dict[str, list[Path]], world_size: int) -> None:
+    """One warning per source whose chunks give the ranks shares of unequal size."""
+    for name, fs in files.items():
+        imbalance = share_imbalance(fs, world_size)
+        if imbalance > SHARE_IMBALANCE_WARN:
+            logger.warning(
+                "data.sources.%s: the %d ranks' shares of its %d chunks differ in size up to %.2fx, so the "
+                "documents of the smaller shares are seen up to %.2fx as often; chunks of equal size (as "
+                "setup/download_prepare_hf_data.py writes them) or a chunk count coprime with the world size "
+                "give equal shares", name, world_size, len(fs), imbalance, imbalance)
+
+
 def build_data_loader(args: DataArgs, rank: int = 0, world_size: int = 1, state: Optional[dict] = None):
     """Batches of this rank, resumed from `state` if given; call .close() when done."""
+    files = source_files(args)  # fails here, before any child process starts
+    if rank == 0:  # one warning per run, not one per rank
+        warn_unequal_shares(files, world_size)
     if args.load_async:
-        source_files(args)  # fail in the parent, before the child starts
         return AsyncBatches(args, rank, world_size, state)
     batches = PackedBatches(args, rank, world_size)
     if state is not None:

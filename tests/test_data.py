@@ -1,6 +1,8 @@
-"""Tests for lingua/data.py: every file and line read exactly once across ranks, packing
-that loses or duplicates no token, weighted sources, bit-exact resume (sync and async),
-bad lines named by file and line, and config errors named by key.
+"""Tests for lingua/data.py: every file and line read exactly once across ranks and every
+document at the same rate on every rank, packing that loses or duplicates no token, weighted
+sources, bit-exact resume (sync and async, and with another buffer geometry), bad lines named
+by file and line, config errors named by key, and an async loader child that neither
+outlives its trainer nor dies of the signals the trainer handles.
 
 All data is JSONL written here into tmp_path; the tokenizer is the real bytes tokenizer.
 """
@@ -17,6 +19,7 @@ import pytest
 
 from lingua.data import (
     CHUNK_GLOB,
+    AsyncBatches,
     DataArgs,
     DataError,
     JSONLReader,
@@ -140,7 +143,7 @@ def test_every_line_read_exactly_once_across_ranks(tmp_path: Path, n_files: int,
         docs = read_one_epoch(JSONLReader(assignment))
         assert docs, f"rank {rank} read nothing"
         seen.update(docs)
-        if n_files >= world_size:
+        if n_files % world_size == 0:
             # Whole files per rank, round-robin.
             assert all(stride == 1 and offset == 0 for _, stride, offset in assignment)
             assert [p for p, _, _ in assignment] == [str(f) for i, f in enumerate(files) if i % world_size == rank]
@@ -442,7 +445,8 @@ def test_source_of_only_blank_or_bad_lines_errors(tmp_path: Path) -> None:
         next(reader)
 
 
-def test_async_loader_child_exits_when_the_trainer_is_killed(tmp_path):
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_async_loader_child_exits_when_the_trainer_is_killed(tmp_path: Path, method: str) -> None:
     """A SIGKILLed trainer cannot stop its loader; the child must notice and exit."""
     import signal
     import subprocess
@@ -458,9 +462,11 @@ def test_async_loader_child_exits_when_the_trainer_is_killed(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        from lingua.data import DataArgs, build_data_loader
-        loader = build_data_loader(DataArgs(root_dir={str(root)!r}, sources={{"s": 1.0}}, batch_size=2,
-                                            seq_len=16, prefetch_size=2, load_async=True))
+        from lingua.data import AsyncBatches, DataArgs, build_data_loader
+        args = DataArgs(root_dir={str(root)!r}, sources={{"s": 1.0}}, batch_size=2, seq_len=16, prefetch_size=2,
+                        load_async=True)
+        method = {method!r}
+        loader = build_data_loader(args) if method == "fork" else AsyncBatches(args, 0, 1, None, start_method=method)
         next(loader)
         print(loader.process.pid, flush=True)
         time.sleep(600)
@@ -479,3 +485,227 @@ def test_async_loader_child_exits_when_the_trainer_is_killed(tmp_path):
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the data loader process outlived its killed trainer")
+
+
+# ---------------------------------------------------------------- signals reach the loader child too
+
+SIGNAL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from lingua.data import AsyncBatches, DataArgs, build_data_loader
+from lingua.distributed import PreemptionSignal
+from lingua.tokenizer import TokenizerArgs
+
+args = DataArgs(root_dir={root!r}, sources={{"s": 1.0}}, batch_size=2, seq_len=16, prefetch_size=2,
+                load_async=True, tokenizer=TokenizerArgs(name="bytes"))
+method = {method!r}
+loader = build_data_loader(args) if method == "fork" else AsyncBatches(args, 0, 1, None, start_method=method)
+next(loader)
+# As in the training loop: the handler is installed after the loader's child exists.
+caught = PreemptionSignal(signal.{signal})
+os.killpg(os.getpgid(0), signal.{signal})  # SLURM signals every process of the step
+batches = [next(loader) for _ in range(3 * 8)]  # far more than the child's queue holds (8)
+assert all(x.shape == (2, 16) and y.shape == (2, 16) for x, y in batches)
+assert caught.requested and loader.process.is_alive()
+loader.close()
+print("batches after the signal:", len(batches))
+"""
+
+
+@pytest.mark.parametrize("signal_name, method", [("SIGUSR2", "fork"), ("SIGINT", "fork"), ("SIGUSR2", "spawn")])
+def test_async_loader_child_survives_a_signal_to_the_process_group(
+    tmp_path: Path, signal_name: str, method: str
+) -> None:
+    """SLURM sends USR2 to every process of the step before a preemption; the trainer saves and
+    requeues, so the loader child must keep producing batches rather than die."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    (root / "s").mkdir(parents=True)
+    (root / "s" / "s.chunk.00.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 5}) + "\n" for i in range(20)))
+    script = SIGNAL_SCRIPT.format(repo=str(Path(__file__).resolve().parents[1]), root=str(root), method=method,
+                                  signal=signal_name)
+    # Its own process group, so the signal reaches the script and its children but not pytest.
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         start_new_session=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "batches after the signal: 24" in res.stdout
+    assert "died unexpectedly" not in res.stderr  # nor did spawn's resource tracker
+
+
+def test_async_loader_refuses_forkserver(tmp_path: Path) -> None:
+    write_source(tmp_path, "web", 1, 3)
+    with pytest.raises(ValueError, match="forkserver"):
+        AsyncBatches(make_args(tmp_path, {"web": 1.0}, load_async=True), 0, 1, None, start_method="forkserver")
+
+
+# ---------------------------------------------------------------- assign_files: equal visit rates
+
+
+def write_numbered_chunks(root: Path, lengths: list[int]) -> list[Path]:
+    """One chunk per length; document `c/j` is line j of chunk c."""
+    (root / "web").mkdir(parents=True, exist_ok=True)
+    for c, n in enumerate(lengths):
+        text = "".join(json.dumps({"text": f"{c}/{j}"}) + "\n" for j in range(n))
+        (root / "web" / f"web.chunk.{c:02d}.jsonl").write_text(text)
+    return sorted((root / "web").glob(CHUNK_GLOB))
+
+
+def visits_per_document(files: list[Path], world_size: int, epochs: int) -> collections.Counter:
+    """Every rank reads the same number of documents (ranks consume at one rate), enough for
+    `epochs` passes over an equal share; counts how often each document was read."""
+    n_lines = sum(sum(1 for _ in open(f, "rb")) for f in files)
+    per_rank = epochs * -(-n_lines // world_size)
+    visits: collections.Counter = collections.Counter()
+    for rank in range(world_size):
+        reader = JSONLReader(assign_files(files, rank, world_size))
+        for _ in range(per_rank):
+            [(text, _)] = next(reader)
+            visits[text] += 1
+    return visits
+
+
+UNEQUAL = [150, 90, 210, 120, 180, 60, 135]
+
+
+@pytest.mark.parametrize("lengths, world_size", [
+    pytest.param([30] * 32, 12, id="32x30-12ranks"),  # neither divides the other
+    pytest.param([30] * 32, 24, id="32x30-24ranks"),
+    pytest.param([30] * 32, 48, id="32x30-48ranks"),
+    pytest.param([31] * 32, 12, id="32x31-12ranks"),  # lines not a multiple of the ranks sharing a chunk
+    pytest.param([30] * 32, 8, id="32x30-8ranks"),  # one divides the other
+    pytest.param([30] * 4, 12, id="4x30-12ranks"),
+    pytest.param(UNEQUAL, 3, id="unequal7-3ranks"),  # unequal chunks, count coprime with the world size
+    pytest.param(UNEQUAL, 12, id="unequal7-12ranks"),
+])
+def test_every_document_is_visited_at_the_same_rate(tmp_path: Path, lengths: list[int], world_size: int) -> None:
+    files = write_numbered_chunks(tmp_path, lengths)
+    # 40 epochs: a partial last epoch then shifts the measured rates by at most 1/40.
+    visits = visits_per_document(files, world_size, epochs=40)
+    assert len(visits) == sum(lengths)  # every document read
+    rate = max(visits.values()) / min(visits.values())
+    assert rate <= 1.1, f"max/min visits {rate:.2f}: {max(visits.values())} vs {min(visits.values())}"
+
+
+def test_unequal_shares_are_warned_about_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Whole chunks per rank with chunks of unequal size: shares differ, and the run says so."""
+    write_numbered_chunks(tmp_path, [10, 30])
+    args = make_args(tmp_path, {"web": 1.0})
+    with caplog.at_level(logging.WARNING, logger="lingua.data"):
+        build_data_loader(args, 1, 2)
+        assert not caplog.records  # rank 0 speaks for all ranks
+        build_data_loader(args, 0, 2)
+    [msg] = [r.getMessage() for r in caplog.records]
+    assert "data.sources.web" in msg and "2 ranks" in msg and "2 chunks" in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lingua.data"):
+        build_data_loader(args, 0, 3)  # coprime: every rank reads a third of each chunk
+    assert not caplog.records
+
+
+def test_strided_reader_resumes_identically(tmp_path: Path) -> None:
+    files = write_numbered_chunks(tmp_path, [31] * 32)
+    a = JSONLReader(assign_files(files, 5, 12))
+    [next(a) for _ in range(50)]
+    state = json.loads(json.dumps(a.state()))
+    rest = [next(a) for _ in range(300)]  # several epochs of this rank's ~83 documents
+    b = JSONLReader(assign_files(files, 5, 12))
+    b.load(state)
+    assert [next(b) for _ in range(300)] == rest
+
+
+def test_reader_state_of_another_share_is_refused(tmp_path: Path) -> None:
+    files = write_numbered_chunks(tmp_path, [10] * 6)
+    a = JSONLReader(assign_files(files, 0, 4))
+    next(a)
+    state = a.state()
+    with pytest.raises(DataError, match="chunk"):
+        JSONLReader(assign_files(files[:5], 0, 4)).load(state)  # a chunk file went away
+
+
+# ---------------------------------------------------------------- resume with another buffer geometry
+
+
+def stream_windows(per_file: list[list[str]], seq_len: int, n: int) -> list[tuple[int, ...]]:
+    """The first n windows of n+1 tokens that one rank's single source yields, in stream order."""
+    tokens = expected_stream(per_file, True, True, epochs=1 + n * seq_len // len(expected_stream(per_file, True, True, 1)))
+    return [tuple(tokens[i * seq_len : i * seq_len + seq_len + 1]) for i in range(n)]
+
+
+@pytest.mark.parametrize("load_async", [False, True])
+@pytest.mark.parametrize("k", [1, 3])  # batches taken from the saved 4-batch buffer
+@pytest.mark.parametrize("new_prefetch", [2, 6])
+def test_resume_with_other_prefetch_size_continues_the_stream(
+    tmp_path: Path, new_prefetch: int, k: int, load_async: bool
+) -> None:
+    per_file = write_source(tmp_path, "web", 2, 7)
+    args = make_args(tmp_path, {"web": 1.0}, batch_size=2, seq_len=12, prefetch_size=4)
+    loader = PackedBatches(args)
+    head = take(loader, k)
+    state = json.loads(json.dumps(loader.state_dict()))
+    tail = take(loader, 4 - k)
+    resumed = build_data_loader(make_args(tmp_path, {"web": 1.0}, batch_size=2, seq_len=12,
+                                          prefetch_size=new_prefetch, load_async=load_async), state=state)
+    try:
+        again = take(resumed, 4 - k + 3 * new_prefetch)  # the saved buffer's rest, then 3 new buffers
+    finally:
+        resumed.close()
+    for x, y in again:
+        assert x.shape == y.shape == (2, 12)
+    # The saved buffer ends as it would have without the restart...
+    assert_same_batches(again[: 4 - k], tail)
+    # ...and, over whole buffers, no window is lost or repeated.
+    got = windows_of(head + again)
+    assert sorted(got) == sorted(stream_windows(per_file, 12, len(got)))
+
+
+@pytest.mark.parametrize("change, dropped", [({"batch_size": 4}, 2), ({"seq_len": 8}, 6), ({"batch_size": 3}, 0)])
+def test_resume_with_other_batch_shape_yields_full_batches(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, change: dict, dropped: int
+) -> None:
+    write_source(tmp_path, "web", 2, 7)
+    saved = dict(batch_size=2, seq_len=12, prefetch_size=4)
+    loader = PackedBatches(make_args(tmp_path, {"web": 1.0}, **saved))
+    take(loader, 1)  # 6 of the buffer's 8 windows are still to come
+    state = json.loads(json.dumps(loader.state_dict()))
+    rest_of_buffer = windows_of(take(loader, 3))
+    args = make_args(tmp_path, {"web": 1.0}, **{**saved, **change})
+    with caplog.at_level(logging.WARNING, logger="lingua.data"):
+        resumed = build_data_loader(args, state=state)
+        batches = take(resumed, 10)
+    for x, y in batches:
+        assert x.shape == y.shape == (args.batch_size, args.seq_len)
+        assert np.array_equal(y[:, :-1], x[:, 1:])
+    if args.seq_len == saved["seq_len"]:  # the saved buffer's windows come first, in its order
+        kept = len(rest_of_buffer) - dropped
+        assert windows_of(batches)[:kept] == rest_of_buffer[:kept]
+    warnings = [r.getMessage() for r in caplog.records if "data.batch_size" in r.getMessage()]
+    if dropped:
+        assert len(warnings) == 1 and f"{dropped} windows" in warnings[0], warnings
+    else:
+        assert not warnings
+
+
+def test_state_without_geometry_past_a_smaller_buffer_is_refused(tmp_path: Path) -> None:
+    """A state of the older format saved 3 batches into a 4-batch buffer: a 2-batch buffer cannot
+    hold its position, and nothing says what it held, so the resume stops naming the setting."""
+    write_source(tmp_path, "web", 2, 7)
+    loader = PackedBatches(make_args(tmp_path, {"web": 1.0}, batch_size=2, seq_len=12, prefetch_size=4))
+    take(loader, 3)
+    legacy = {"start": loader.state_dict()["start"], "emitted": 3}
+    with pytest.raises(DataError, match=r"data\.prefetch_size"):
+        build_data_loader(make_args(tmp_path, {"web": 1.0}, batch_size=2, seq_len=12, prefetch_size=2), state=legacy)
+
+
+def test_resume_from_a_state_without_geometry(tmp_path: Path) -> None:
+    """States written before the geometry was saved: {start, emitted batches of this config}."""
+    args = multi_source(tmp_path)
+    loader = PackedBatches(args)
+    take(loader, 4)
+    state = loader.state_dict()
+    legacy = {"start": state["start"], "emitted": 1}  # prefetch_size=3: batch 4 is the 2nd buffer's 1st
+    tail = take(loader, 5)
+    resumed = PackedBatches(args)
+    resumed.load_state_dict(json.loads(json.dumps(legacy)))
+    assert_same_batches(take(resumed, 5), tail)

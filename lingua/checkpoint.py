@@ -84,9 +84,12 @@ def train_state_file(ckpt: Path, dp_rank: int) -> Path:
 
 
 class CheckpointManager:
-    def __init__(self, args: CheckpointArgs, dump_dir: str | os.PathLike):
+    def __init__(self, args: CheckpointArgs, dump_dir: str | os.PathLike, eval_enabled: bool = True):
         self.args = args
         self.path = Path(args.path) if args.path else Path(dump_dir) / "checkpoints"
+        # Without an eval the eval cadence saves nothing, so it must keep nothing either (its
+        # defaults, every 1000 and keep all, would otherwise pin every 1000th dump).
+        self.cadences = [args.dump, args.eval] if eval_enabled else [args.dump]
 
     def existing(self) -> list[Path]:
         return list_checkpoints(self.path)
@@ -143,16 +146,15 @@ class CheckpointManager:
         return final
 
     def clean_up(self) -> None:
-        """Keep the newest `keep` of each cadence (dump, eval) and always the newest save."""
+        """Keep the newest `keep` of each cadence in use (dump; eval when an eval is configured)
+        and always the newest save. Nothing is removed while every cadence keeps all."""
         found = self.existing()
-        if not found:
+        if not found or all(c.keep <= 0 for c in self.cadences):
             return
         keep = {found[-1]}
-        for cadence in (self.args.dump, self.args.eval):
+        for cadence in self.cadences:
             matching = [p for p in found if cadence.every > 0 and int(p.name) % cadence.every == 0]
             keep.update(matching[-cadence.keep :] if cadence.keep > 0 else matching)
-        if self.args.dump.keep <= 0 and self.args.eval.keep <= 0:
-            return
         for p in found:
             if p not in keep:
                 shutil.rmtree(p)

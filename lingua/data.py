@@ -560,13 +560,15 @@ def warn_unequal_shares(files: dict[str, list[Path]], world_size: int) -> None:
                 "give equal shares", name, world_size, len(fs), imbalance, imbalance)
 
 
-def build_data_loader(args: DataArgs, rank: int = 0, world_size: int = 1, state: Optional[dict] = None):
-    """Batches of this rank, resumed from `state` if given; call .close() when done."""
+def build_data_loader(args: DataArgs, rank: int = 0, world_size: int = 1, state: Optional[dict] = None,
+                      start_method: str = "fork"):
+    """Batches of this rank, resumed from `state` if given; call .close() when done.
+    `start_method` starts the async loader's child (distributed.spawn_method)."""
     files = source_files(args)  # fails here, before any child process starts
     if rank == 0:  # one warning per run, not one per rank
         warn_unequal_shares(files, world_size)
     if args.load_async:
-        return AsyncBatches(args, rank, world_size, state)
+        return AsyncBatches(args, rank, world_size, state, start_method=start_method)
     batches = PackedBatches(args, rank, world_size)
     if state is not None:
         batches.load_state_dict(state)

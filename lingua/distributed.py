@@ -10,6 +10,7 @@ Field names follow Meta Lingua.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -17,7 +18,8 @@ import signal
 import subprocess
 import warnings
 from dataclasses import dataclass, fields
-from typing import Iterable, Optional
+from functools import partial
+from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -45,7 +47,8 @@ class DistributedArgs:
     allow_bf16_reduced_precision_reduction: bool = True
     detect_anomaly: bool = False
     compile_cache_size_limit: int = 8
-    spawn_method: str = choice("forkserver", ("fork", "forkserver", "spawn"))
+    # How the async data loader's child process starts (see loader_start_method).
+    spawn_method: str = choice("fork", ("fork", "forkserver", "spawn"))
     memory_parallel_size: int = 1  # Memory Layers: column-parallel value tables
 
 
@@ -84,13 +87,18 @@ def world_info(env: Optional[dict] = None) -> WorldInfo:
             int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
             "torchrun",
         )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        ntasks = int(env["SLURM_NTASKS"])
+    # Only srun's step variables mean "launched as one task of several": an sbatch script and
+    # an salloc shell also carry SLURM_PROCID=0 and the job's SLURM_NTASKS, and a plain python
+    # started there would wait forever for ranks that never start. The step's own task count
+    # is the world (srun -n may use fewer tasks than the job holds).
+    if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        ntasks = int(env["SLURM_STEP_NUM_TASKS"])
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE", str(ntasks))  # e.g. "4(x2)" or "2,1"
         return WorldInfo(
             int(env["SLURM_PROCID"]),
             int(env.get("SLURM_LOCALID", 0)),
             ntasks,
-            int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]) if "SLURM_NTASKS_PER_NODE" in env else ntasks,
+            int(per_node.split("(")[0].split(",")[0]),
             "slurm",
         )
     return WorldInfo(0, 0, 1, 1, "single")
@@ -147,6 +155,22 @@ def shutdown_distributed() -> None:
     for mesh in [obj for obj in gc.get_objects() if isinstance(obj, DeviceMesh)]:
         getattr(mesh, "_pg_registry", {}).clear()
     gc.collect()
+
+
+def collective_device(group=None) -> torch.device:
+    """The device whose tensors `group`'s backend takes (the default group when None): NCCL
+    serves only CUDA tensors, so a scalar made without a device (on the CPU) and handed to a
+    collective fails there ("No backend type associated with device type cpu") although the
+    same call works under gloo. Every collective on a tensor the code makes itself (flags,
+    counts, metrics) builds it on this device."""
+    if not dist.is_initialized():
+        return torch.device("cpu")
+    group = group if group is not None else dist.group.WORLD
+    served = {d.type for d in group._device_types}
+    if not served or "cpu" in served:
+        return torch.device("cpu")
+    device_type = sorted(served)[0]
+    return torch.device(device_type, torch.get_device_module(device_type).current_device())
 
 
 def clean_env() -> dict:
@@ -275,14 +299,56 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, plan)
 
 
+MODEL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def check_numerics(args: DistributedArgs) -> None:
+    """Refuse settings that would not do what they say (before any work)."""
+    if args.model_dtype == "fp16":
+        raise ValueError("distributed.model_dtype=fp16 needs loss scaling, which this trainer does not do; "
+                         "use bf16 (or fp32)")
+
+
+def loader_start_method(args: DistributedArgs) -> str:
+    """distributed.spawn_method for the data loader's child. forkserver (Meta Lingua's default,
+    so in every config it dumped) becomes spawn, with a warning: the forkserver's server process
+    sits in the trainer's process group, where SLURM's USR2 before a preemption kills it."""
+    if args.spawn_method == "forkserver":
+        logger.warning("distributed.spawn_method=forkserver: the data loader starts its process with spawn "
+                       "instead (a forkserver would die of SLURM's preemption signal); set fork or spawn")
+        return "spawn"
+    return args.spawn_method
+
+
+def apply_numerics(args: DistributedArgs) -> None:
+    """torch's process-wide numerics switches, as the config says."""
+    torch.backends.cuda.matmul.allow_tf32 = args.matmul_allow_tf32
+    torch.backends.cudnn.allow_tf32 = args.matmul_allow_tf32
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = args.allow_bf16_reduced_precision_reduction
+    torch.autograd.set_detect_anomaly(args.detect_anomaly)
+
+
+def training_dtype(args: DistributedArgs, device: torch.device) -> torch.dtype:
+    """The dtype a step's matmuls run in: distributed.model_dtype on GPUs, fp32 on CPU (bf16
+    matmuls are slow there, and the tests compare layouts with fp32 exactly)."""
+    return MODEL_DTYPES[args.model_dtype] if device.type == "cuda" else torch.float32
+
+
+def autocast_context(args: DistributedArgs, device: torch.device, fsdp: bool) -> Callable[[], ContextManager]:
+    """A context factory for each forward of a step. FSDP casts the gathered parameters itself
+    (its MixedPrecisionPolicy); every other layout (one process, TP only) gets autocast to the
+    same dtype, so model_dtype means the same on every layout, as MFU assumes."""
+    dtype = training_dtype(args, device)
+    if fsdp or dtype == torch.float32:
+        return contextlib.nullcontext
+    return partial(torch.autocast, device.type, dtype=dtype)
+
+
 def apply_fsdp(model: nn.Module, mesh, dims: ParallelDims, args: DistributedArgs, device: torch.device) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dp_mesh = data_parallel_mesh(mesh, dims)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    # CPU runs in fp32: bf16 matmuls are slow there and the tests compare with fp32 exactly.
-    param_dtype = dtypes[args.model_dtype] if device.type == "cuda" else torch.float32
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=training_dtype(args, device), reduce_dtype=torch.float32)
     reshard = args.fsdp_type == "full_shard"
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
@@ -397,7 +463,7 @@ class PreemptionSignal:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor(int(self.requested))
+        flag = torch.tensor(int(self.requested), device=collective_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag)

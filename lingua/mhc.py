@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lingua.args import choice
+from lingua.distributed import collective_device
 
 AMAX_WARN = 2.0  # above this the residual path amplifies noticeably (the paper's healthy range is < 2)
 # Sinkhorn starts from exp(logits - max) with logits floored at max - LOG_FLOOR: every entry stays
@@ -81,6 +82,37 @@ def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return m.movedim((0, 1), (-2, -1))
 
 
+class _MatmulInFP32(torch.autograd.Function):
+    """a @ b computed in fp32 (or wider), saving a and b as they came: the low-precision streams
+    are kept for backward in their own dtype, not as an fp32 copy twice their size. Shapes: two
+    matrices, or batches of the same batch shape. Backward is matmul's own, in the same precision."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        dtype = _compute_dtype(a, b)
+        return torch.matmul(a.to(dtype), b.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad = grad.to(_compute_dtype(a, b))
+        grad_a = torch.matmul(grad, b.to(grad.dtype).mT).to(a.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = torch.matmul(a.to(grad.dtype).mT, grad).to(b.dtype) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _MatmulInFP32.apply(a, b)
+
+
 class HyperConnection(nn.Module):
     """mHC around one sublayer: forward(x [..., n, C], F) -> [..., n, C], F mapping [..., C] -> [..., C]."""
 
@@ -103,12 +135,16 @@ class HyperConnection(nn.Module):
         h = self.bias.float()
         if self.phi is not None:
             # RMSNorm(x) phi = (x phi) * rsqrt(mean(x^2) + eps): the per-token scale is applied
-            # after the small matmul, so the normalised [.., n * C] copy is never written.
-            flat = x.flatten(-2).float()
-            inv_rms = torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + self.eps)
+            # after the small matmul, so the normalised [.., n * C] copy is never written. Both
+            # read the streams in their own dtype and compute in fp32, so backward keeps bf16
+            # streams as they are, not an fp32 copy of them.
+            flat = x.flatten(-2)
+            sq_norm = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=torch.float32).square()
+            inv_rms = torch.rsqrt(sq_norm / flat.shape[-1] + self.eps)
             a = self.alpha.float()
             scale = torch.cat([a[0:1].expand(n), a[1:2].expand(n), a[2:3].expand(n * n)])
-            h = (flat @ self.phi.float()) * inv_rms * scale + h
+            proj = matmul_fp32(flat.flatten(0, -2), self.phi).unflatten(0, flat.shape[:-1])
+            h = proj * inv_rms * scale + h
         h_pre = torch.sigmoid(h[..., :n])
         h_post = 2 * torch.sigmoid(h[..., n : 2 * n])
         h_res = sinkhorn_knopp(h[..., 2 * n :].unflatten(-1, (n, n)), self.iters)
@@ -117,18 +153,22 @@ class HyperConnection(nn.Module):
     def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         h_pre, h_post, h_res = self.coefficients(x)
         self.last_h_res = h_res.detach()
+        # The streams are mixed in fp32 with the fp32 coefficients, and only the result is
+        # rounded to the streams' dtype: coefficients rounded to bf16 would bias every layer
+        # alike (H_res row sums 1.0012, a product of 1.06 over 48 sublayers) while the logged
+        # Amax, taken from the fp32 matrix, showed none of it.
         if torch.compiler.is_compiling():
             # Broadcast sums over the n streams: inductor fuses H_pre x into one pass and
             # H_res x + H_post^T out into another (as matmuls they stay batched GEMMs of tiny
             # per-token matrices, slower here).
-            out = sublayer((h_pre.to(x.dtype).unsqueeze(-1) * x).sum(-2))
-            mixed = (h_res.to(x.dtype).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)
-            return mixed + h_post.to(x.dtype).unsqueeze(-1) * out.unsqueeze(-2)
+            out = sublayer((h_pre.unsqueeze(-1) * x).sum(-2).to(x.dtype))
+            mixed = (h_res.unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)
+            return (mixed + h_post.unsqueeze(-1) * out.unsqueeze(-2)).to(x.dtype)
         # Eager: one per-token [1 + n, n] x [n, C] matmul reads the streams once for both the
         # sublayer's input (row 0: H_pre x) and the mixed residual (rows 1..n: H_res x).
-        both = torch.matmul(torch.cat([h_pre.unsqueeze(-2), h_res], dim=-2).to(x.dtype), x)
-        out = sublayer(both[..., 0, :])
-        return torch.addcmul(both[..., 1:, :], h_post.to(x.dtype).unsqueeze(-1), out.unsqueeze(-2))
+        both = matmul_fp32(torch.cat([h_pre.unsqueeze(-2), h_res], dim=-2), x)
+        out = sublayer(both[..., 0, :].to(x.dtype))
+        return torch.addcmul(both[..., 1:, :], h_post.unsqueeze(-1), out.unsqueeze(-2)).to(x.dtype)
 
     def reset_parameters(self, init) -> None:
         """`init`: a lingua.transformer.ParamInit (same values on any device or sharding)."""
@@ -183,7 +223,7 @@ def amax_stats(named_connections: Iterable[tuple[str, HyperConnection]]) -> dict
     stats["composite_amax_forward"], stats["composite_amax_backward"] = amax_gains(composite(h for _, h in named))
     if dist.is_available() and dist.is_initialized():
         keys = sorted(stats)
-        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=collective_device())
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
         stats = dict(zip(keys, values.tolist()))
     return stats

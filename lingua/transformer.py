@@ -197,6 +197,21 @@ def _xformers_available(device: torch.device) -> bool:
     return True
 
 
+def sdpa_gqa_is_fused(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether sdpa's `enable_gqa` reaches a fused kernel. In torch 2.13 only the flash kernels
+    take it: on CPU for any dtype and mask, on CUDA for fp16/bf16 without a mask. Everywhere else
+    sdpa falls back to the math kernel, which keeps the S x S scores for backward (4 GiB per
+    layer at batch 4, 16 heads, seq 4096): there k/v are expanded instead, for the efficient kernels."""
+    if device_type == "cpu":
+        return True
+    return device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not masked
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, n_kv_heads, S, D] -> [B, n_kv_heads * n_rep, S, D], each kv head serving n_rep query heads."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
 class Attention(nn.Module):
     def __init__(self, args: BaseTransformerArgs, sliding_window: Optional[int] = None):
         super().__init__()
@@ -239,11 +254,15 @@ class Attention(nn.Module):
         if impl == "flex":
             return self._flex(q, k, v)
         q_len, kv_len = q.shape[2], k.shape[2]
+        causal = self.sliding_window is None and q_len == kv_len
+        # One new token without a window sees every cached key: no mask at all.
+        unmasked = causal or (self.sliding_window is None and q_len == 1)
+        mask = None if unmasked else _causal_mask(q_len, kv_len, self.sliding_window, q.device)
         gqa = q.shape[1] != k.shape[1]
-        if self.sliding_window is None and q_len == kv_len:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        mask = _causal_mask(q_len, kv_len, self.sliding_window, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if gqa and not sdpa_gqa_is_fused(q.device.type, q.dtype, masked=mask is not None):
+            k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+            gqa = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
     def _fallback(self, why: str) -> str:
         if not self._warned_fallback:
@@ -254,9 +273,7 @@ class Attention(nn.Module):
     def _xformers(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         import xformers.ops as xops
 
-        if self.n_heads != self.n_kv_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
         if self.sliding_window is not None:
             bias = xops.fmha.attn_bias.LowerTriangularFromBottomRightLocalAttentionMask(self.sliding_window)
         else:

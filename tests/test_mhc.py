@@ -243,3 +243,65 @@ def test_kv_cache_decoding_matches_the_full_forward():
     with torch.no_grad():
         full = model(x)
     torch.testing.assert_close(decode_step_by_step(model, x, prefix=6, cache_len=16), full, atol=1e-5, rtol=1e-5)
+
+
+# ---- bf16 -------------------------------------------------------------------------------
+
+
+def _hyper_connection(dim: int) -> HyperConnection:
+    from lingua.transformer import ParamInit
+
+    hc = HyperConnection(dim, MHCArgs(enabled=True))
+    hc.reset_parameters(ParamInit(0))
+    with torch.no_grad():  # a trained-looking, token-dependent phi
+        hc.phi.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    return hc
+
+
+def test_bf16_streams_are_mixed_with_the_fp32_coefficients():
+    """Coefficients rounded to bf16 bias every layer alike (H_res row sums 1.0012 at init), which
+    bf16's unbiased rounding of the result alone does not: summed over many entries, what a bf16
+    connection applies must equal H x computed in fp64 from the fp32 coefficients."""
+    hc = _hyper_connection(64)
+    x = (torch.rand(8, 64, 4, 64, generator=torch.Generator().manual_seed(0)) + 0.5).bfloat16()
+    seen = {}
+
+    def sublayer(h):
+        seen["input"] = h
+        return torch.zeros_like(h)
+
+    with torch.no_grad():
+        out = hc(x, sublayer)
+        h_pre, _, h_res = hc.coefficients(x)
+    assert out.dtype == seen["input"].dtype == torch.bfloat16
+    mixed = h_res.double() @ x.double()
+    pre = (h_pre.double().unsqueeze(-2) @ x.double()).squeeze(-2)
+    res_bias = float(out.double().sum() / mixed.sum() - 1)
+    pre_bias = float(seen["input"].double().sum() / pre.sum() - 1)
+    assert abs(res_bias) < 1e-4 and abs(pre_bias) < 1e-4, (res_bias, pre_bias)
+
+
+def test_bf16_hyper_connection_saves_fewer_bytes_than_fp32():
+    """An fp32 copy of the streams kept for backward made bf16 save about as much as fp32 (0.95x)."""
+    from tests.device_checks import LiveStorages
+
+    retained = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hc = _hyper_connection(1024)
+        x = torch.randn(2, 64, 4, 1024, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+        with LiveStorages() as live:
+            out = hc(x, lambda h: 2 * h)
+        retained[dtype] = live.bytes()
+        out.float().sum().backward()  # the saved tensors were enough for a backward
+        assert x.grad is not None and torch.isfinite(x.grad).all() and hc.phi.grad.abs().sum() > 0
+    assert retained[torch.bfloat16] < 0.7 * retained[torch.float32], retained
+
+
+def test_fp32_matmul_gradients_equal_autograd():
+    from lingua.mhc import matmul_fp32
+
+    a = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(matmul_fp32, (a, b))
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(matmul_fp32, (a.detach().flatten(0, 1).requires_grad_(), w))

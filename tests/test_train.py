@@ -118,12 +118,63 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
         "data.load_async": "false", "optim.lr": 1e30, "optim.warmup": 0, "optim.clip": 0,
         "optim.scheduler": "constant", "checkpoint.dump.every": 1,
     })
-    with pytest.raises(NonFiniteLoss, match="loss is"):
+    with pytest.raises(NonFiniteLoss, match="update was not applied; stopping. Last good checkpoint") as err:
         train(args)
     losses = read_losses(tmp_path / "nan")
-    saved = [int(p.name) for p in list_checkpoints(tmp_path / "nan/checkpoints")]
-    assert saved and max(saved) < 30
-    assert all(torch.isfinite(torch.tensor(losses[s])) for s in losses if s <= max(saved))
+    saved = list_checkpoints(tmp_path / "nan/checkpoints")
+    assert saved and int(saved[-1].name) < 30
+    assert str(saved[-1]) in str(err.value)
+    assert all(torch.isfinite(torch.tensor(losses[s])) for s in losses if s <= int(saved[-1].name))
+    # The checkpoint named as last good holds finite weights (a NaN gradient at a finite loss
+    # used to be applied, then saved).
+    from apps.main.eval import load_model_from_checkpoint
+
+    model, _, _ = load_model_from_checkpoint(saved[-1], torch.device("cpu"))
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+    assert bad == 0, f"{bad} non-finite parameters in {saved[-1]}"
+
+
+def test_nan_gradient_at_a_finite_loss_is_not_applied():
+    """The step is checked before optimizer.step(): weights, optimizer state and schedule stay put."""
+    from apps.main.train import setup_model, train_step
+    from lingua.distributed import parallel_dims
+    from lingua.optim import build_optimizer
+
+    args = load_config(TrainArgs, ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=64",
+                                   "dump_dir=/unused"])
+    model = setup_model(args, None, parallel_dims(args.distributed, 1), torch.device("cpu"))
+    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    train_step(model, optimizer, scheduler, [(x, x)], clip=1.0)  # one good step: Adam has state
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exp_avg = optimizer.state[model.norm.weight]["exp_avg"].clone()
+    hook = model.norm.weight.register_hook(lambda g: g * float("nan"))
+    result = train_step(model, optimizer, scheduler, [(x, x)], clip=1.0)
+    hook.remove()
+    assert torch.isfinite(torch.tensor(result.loss)) and not torch.isfinite(result.grad_norm)
+    assert not result.applied
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert torch.equal(optimizer.state[model.norm.weight]["exp_avg"], exp_avg)
+    assert scheduler.last_epoch == 1
+
+
+def test_setup_model_keeps_weight_tying():
+    """The meta build is materialised with to_empty, which unties; the output then trained from
+    uninitialised memory. Tied: one matrix, vocab x dim fewer parameters, initialised."""
+    from apps.main.train import setup_model
+    from lingua.distributed import parallel_dims
+
+    counts = {}
+    for tied in (False, True):
+        args = load_config(TrainArgs, ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=64",
+                                       "dump_dir=/unused", f"model.weight_tying={str(tied).lower()}"])
+        model = setup_model(args, None, parallel_dims(args.distributed, 1), torch.device("cpu"))
+        counts[tied] = sum(p.numel() for p in model.parameters())
+        assert (model.output.weight is model.tok_embeddings.weight) == tied
+        std = model.output.weight.std().item()
+        assert 0.5 * 32**-0.5 < std < 32**-0.5, std  # the truncated-normal init, not leftover memory
+    assert counts[False] - counts[True] == 64 * 32
 
 
 def test_finished_run_exits_cleanly(corpus, tmp_path):
@@ -138,14 +189,29 @@ def test_finished_run_exits_cleanly(corpus, tmp_path):
     assert run_module("apps.main.train", tiny_overrides(corpus, tmp_path / "done", steps=2)).returncode == 0
 
 
-def test_eval_cadence_writes_validation_metrics(corpus, tmp_path):
-    args = _args(corpus, tmp_path / "ev", steps=4, **{"data.load_async": "false", "checkpoint.eval.every": 2})
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_eval_cadence_writes_validation_metrics(corpus, tmp_path, add_eos):
+    """Validation every 2 steps, scored as the model was trained. With the bytes tokenizer a
+    document of n bytes framed [bos, b1..bn, eos] has n + 1 predictions, n without eos; bits
+    per byte are the summed nats / ln 2 / the documents' UTF-8 bytes."""
+    import math
+
+    flag = str(add_eos).lower()
+    args = _args(corpus, tmp_path / "ev", steps=4, **{"data.load_async": "false", "checkpoint.eval.every": 2,
+                                                      "data.add_eos": flag, "eval.validation.max_steps": 1000})
     train(args)
     rows = [json.loads(l) for l in open(tmp_path / "ev/metrics.validation.jsonl")]
     assert [r["global_step"] for r in rows] == [2, 4]
-    assert all(0 < r["val/src/loss"] < 10 and r["val/src/bpb"] > 0 for r in rows)
+    docs = [json.loads(l)["text"] for l in open(corpus / "src/src.val.jsonl")]
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    for r in rows:
+        assert r["val/src/docs"] == len(docs) and r["val/src/bytes"] == n_bytes
+        assert r["val/src/tokens"] == n_bytes + (len(docs) if add_eos else 0)
+        assert 0 < r["val/src/loss"] < 10
+        expected_bpb = r["val/src/loss"] * r["val/src/tokens"] / math.log(2) / n_bytes
+        assert abs(r["val/src/bpb"] - expected_bpb) < 1e-9 * expected_bpb
     config = (tmp_path / "ev/config.yaml").read_text()
-    assert "seq_len: 32" in config and "vocab_size: 258" in config
+    assert "seq_len: 32" in config and "vocab_size: 258" in config and f"add_eos: {flag}" in config
 
 
 @pytest.mark.parametrize(
@@ -155,6 +221,10 @@ def test_eval_cadence_writes_validation_metrics(corpus, tmp_path):
         ("data.sources={nosuch: 1.0}", "data.sources.nosuch"),
         ("data.seq_len=64", "model.max_seqlen"),
         ("steps=0", "steps"),
+        ("checkpoint.dump.every=0", "checkpoint.dump.every"),
+        ("checkpoint.eval.every=0", "checkpoint.eval.every"),
+        ("gc_collect_freq=0", "gc_collect_freq"),
+        ("distributed.model_dtype=fp16", "distributed.model_dtype"),
     ],
 )
 def test_bad_input_fails_before_work_and_touches_nothing(corpus, tmp_path, override, message):
@@ -208,3 +278,70 @@ def test_consolidated_checkpoint_loads_the_same_weights(corpus, tmp_path):
         assert not torch.allclose(fresh(x), from_file(x))
     with pytest.raises(FileNotFoundError, match="not a DCP checkpoint"):
         consolidate_checkpoint(tmp_path)
+
+
+MATMULS = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default")
+
+
+def test_one_process_step_runs_its_matmuls_in_model_dtype(corpus, tmp_path, monkeypatch):
+    """distributed.model_dtype used to apply under FSDP only: one GPU (or TP alone) trained in fp32
+    while MFU took the bf16 peak. The dtype rule is made to answer bf16 on this CPU as it does on
+    a GPU; every matmul of the step, and of in-loop validation, must then run in bf16."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import lingua.distributed
+
+    monkeypatch.setattr(lingua.distributed, "training_dtype", lambda args, device: torch.bfloat16)
+    # The peak for MFU is the machine's fp32 matmul rate, measured with matmuls of its own.
+    monkeypatch.setattr("apps.main.train.peak_flops", lambda device: (1e12, "a test peak"))
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in MATMULS:
+                self.dtypes.add(args[1].dtype if str(func) == "aten.addmm.default" else args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    args = _args(corpus, tmp_path / "bf16", steps=2, **{"data.load_async": "false", "checkpoint.eval.every": 2,
+                                                        "eval.validation.max_steps": 1})
+    with MatmulDtypes() as seen:
+        train(args)
+    assert seen.dtypes == {torch.bfloat16}, seen.dtypes
+    assert all(torch.isfinite(torch.tensor(v)) for v in read_losses(tmp_path / "bf16").values())
+
+
+def test_numerics_switches_do_what_they_say():
+    from lingua.distributed import DistributedArgs, apply_numerics
+
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction, torch.backends.cudnn.allow_tf32)
+    try:
+        apply_numerics(DistributedArgs(matmul_allow_tf32=True, allow_bf16_reduced_precision_reduction=False,
+                                       detect_anomaly=True))
+        assert matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not matmul.allow_bf16_reduced_precision_reduction
+        assert torch.is_anomaly_enabled()
+        apply_numerics(DistributedArgs())
+        assert not matmul.allow_tf32 and not torch.is_anomaly_enabled()
+    finally:  # process-wide switches: leave them as the other tests found them
+        matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction, torch.backends.cudnn.allow_tf32 = saved
+        torch.autograd.set_detect_anomaly(False)
+
+
+def test_spawn_method_starts_the_loader(caplog):
+    from lingua.distributed import DistributedArgs, loader_start_method
+
+    assert loader_start_method(DistributedArgs()) == "fork"
+    assert loader_start_method(DistributedArgs(spawn_method="spawn")) == "spawn"
+    # Meta Lingua's default (in every config it dumped): spawn instead, and it says so.
+    assert loader_start_method(DistributedArgs(spawn_method="forkserver")) == "spawn"
+    assert "forkserver" in caplog.text and "spawn" in caplog.text
+
+
+def test_training_with_a_spawned_loader(corpus, tmp_path):
+    args = _args(corpus, tmp_path / "spawn", steps=3, **{"data.load_async": "true",
+                                                         "distributed.spawn_method": "spawn"})
+    assert train(args).step == 3

@@ -50,6 +50,57 @@ def test_attention_matches_naive(n_kv_heads, window):
     torch.testing.assert_close(attn(x, rope), naive_attention(attn, x, rope, window), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "dtype, window, q_len, fused",
+    [
+        (torch.float32, None, 16, False),  # fp32: no flash on CUDA
+        (torch.bfloat16, None, 16, True),  # causal bf16: flash takes GQA
+        (torch.bfloat16, 4, 16, False),  # a window needs a mask: flash cannot take it
+        (torch.bfloat16, None, 1, True),  # one decoded token attends to every cached key: no mask
+        (torch.bfloat16, None, 3, False),  # several decoded tokens: a bottom-right causal mask
+    ],
+)
+def test_gqa_reaches_sdpa_in_a_form_a_fused_cuda_kernel_takes(monkeypatch, dtype, window, q_len, fused):
+    """What a GPU's sdpa receives, recorded on fake CUDA tensors: torch 2.13 runs `enable_gqa` on
+    the flash kernels only (bf16/fp16, no mask); anything else went to the math kernel, which keeps
+    the S x S scores. There the 2 kv heads must arrive expanded to the 4 query heads."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        seen.append((k.shape[1], v.shape[1], enable_gqa, attn_mask is not None, is_causal))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    # arange cannot make fake CUDA tensors on a CPU-only build; the mask's values do not matter here.
+    monkeypatch.setattr("lingua.transformer._causal_mask",
+                        lambda q_len, kv_len, window, device: torch.ones(q_len, kv_len, dtype=torch.bool, device=device))
+    attn = Attention(BaseTransformerArgs(dim=32, n_heads=4, n_kv_heads=2, max_seqlen=32), sliding_window=window)
+    with FakeTensorMode():
+        q = torch.empty(2, 4, q_len, 8, device="cuda", dtype=dtype)
+        kv = torch.empty(2, 2, 16, 8, device="cuda", dtype=dtype)
+        attn._attend(q, kv, kv)
+    (k_heads, v_heads, enable_gqa, masked, causal), = seen
+    assert enable_gqa == fused and (k_heads, v_heads) == ((2, 2) if fused else (4, 4)), seen
+    assert masked == (window is not None or q_len not in (1, 16)) and causal == (window is None and q_len == 16)
+
+
+def test_expanded_gqa_matches_enable_gqa(monkeypatch):
+    """The expanded path computes what sdpa's GQA does (forced here on CPU, where flash takes GQA)."""
+    import lingua.transformer as transformer
+
+    torch.manual_seed(0)
+    model = build_model(tiny(n_kv_heads=2, sliding_window=6))
+    x = torch.randint(0, 258, (2, 20))
+    with torch.no_grad():
+        native = model(x)
+        monkeypatch.setattr(transformer, "sdpa_gqa_is_fused", lambda *a, **k: False)
+        expanded = model(x)
+    torch.testing.assert_close(expanded, native, atol=1e-5, rtol=1e-5)
+
+
 def test_flex_attention_matches_sdpa_forward():
     torch.manual_seed(0)
     m_sdpa = build_model(tiny(n_kv_heads=2, attn_impl="sdpa"))

@@ -28,6 +28,7 @@ from lingua.checkpoint import list_checkpoints, load_model_weights
 from lingua.data import VAL_GLOB, DataArgs, DataError, encode_document, labels_from, read_documents
 from lingua.distributed import (
     WorldInfo,
+    collective_device,
     default_device,
     init_distributed,
     set_cpu_threads,
@@ -99,8 +100,12 @@ def validate_file(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    add_bos: bool = True,
+    add_eos: bool = True,
 ) -> dict:
-    """Sums of NLL (nats), scored tokens and their UTF-8 bytes over this rank's documents.
+    """Sums of NLL (nats), scored tokens and their UTF-8 bytes over this rank's documents,
+    framed with bos/eos as the model was trained (data.add_bos / add_eos): a model trained
+    without eos is not scored on eos predictions it never learned.
 
     In a distributed run every rank runs the same number of forward passes (padding with a
     dummy batch), because a sharded model's forward is a collective."""
@@ -109,7 +114,7 @@ def validate_file(
     for doc_idx, segments in enumerate(read_documents(path)):
         if doc_idx % world_size != rank:
             continue
-        doc_pieces = _windows(*encode_document(tokenizer, segments, add_bos=True, add_eos=True), seq_len)
+        doc_pieces = _windows(*encode_document(tokenizer, segments, add_bos, add_eos), seq_len)
         # A document counts (its bytes for bpb) only if all of its windows are scored.
         if max_steps is not None and n_docs and len(pieces) + len(doc_pieces) > max_steps * batch_size:
             break
@@ -119,7 +124,7 @@ def validate_file(
     batches = [pieces[i : i + batch_size] for i in range(0, len(pieces), batch_size)]
     n_forward = len(batches)
     if dist.is_available() and dist.is_initialized():
-        count = torch.tensor(n_forward)
+        count = torch.tensor(n_forward, device=collective_device())
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         n_forward = int(count)
 
@@ -163,9 +168,11 @@ def run_validation(
     try:
         for name, path in _val_files(val, data).items():
             sums = validate_file(
-                model, tokenizer, path, data.seq_len, val.batch_size, val.max_steps, device, rank, world_size
+                model, tokenizer, path, data.seq_len, val.batch_size, val.max_steps, device, rank, world_size,
+                data.add_bos, data.add_eos,
             )
-            vec = torch.tensor([sums["nll"], sums["tokens"], sums["bytes"], sums["docs"]], dtype=torch.float64)
+            vec = torch.tensor([sums["nll"], sums["tokens"], sums["bytes"], sums["docs"]], dtype=torch.float64,
+                               device=collective_device())
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(vec)
                 vec /= replicas_per_shard

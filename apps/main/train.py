@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,11 +38,15 @@ from lingua.distributed import (
     ParallelDims,
     PreemptionSignal,
     WorldInfo,
+    apply_numerics,
+    autocast_context,
     build_mesh,
+    check_numerics,
     clip_grad_norm_,
     default_device,
     dp_rank_and_size,
     init_distributed,
+    loader_start_method,
     parallel_dims,
     parallelize_model,
     requeue_slurm_job,
@@ -116,12 +120,14 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
     """Everything that can be checked before any work: fails with the key at fault."""
     if not args.dump_dir:
         raise ConfigError("dump_dir is required (e.g. dump_dir=./dump/debug)")
-    for key in ("steps", "grad_acc_steps", "logging.freq"):
+    for key in ("steps", "grad_acc_steps", "logging.freq", "gc_collect_freq", "checkpoint.dump.every",
+                "checkpoint.eval.every"):
         obj = args
         for part in key.split("."):
             obj = getattr(obj, part)
         if obj < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {obj}")
+            hint = " (eval=null turns validation off)" if key == "checkpoint.eval.every" else ""
+            raise ConfigError(f"config key '{key}' must be >= 1, got {obj}{hint}")
     if args.data.seq_len > args.model.max_seqlen:
         raise ConfigError(f"data.seq_len={args.data.seq_len} exceeds model.max_seqlen={args.model.max_seqlen}")
     if args.probe_freq:
@@ -129,6 +135,7 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
     eval_args = from_dict(EvalArgs, args.eval) if args.eval is not None else None
     world = world_info()
     try:
+        check_numerics(args.distributed)
         dims = parallel_dims(args.distributed, world.world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -147,6 +154,11 @@ def setup_model(
     model = build_model_fn(args.model, "meta")
     model = parallelize_model(model, mesh, dims, args.distributed, device)
     model.to_empty(device=device)
+    # to_empty re-creates each module's parameters one by one, so a tied output and embedding
+    # come back as two tensors; reset_parameters would then skip the output (tied, it says)
+    # and leave it uninitialised. Tie them again first.
+    if getattr(model, "weight_tying", False):
+        model.output.weight = model.tok_embeddings.weight
     with torch.no_grad():
         model.reset_parameters(ParamInit(args.model.seed))
     return model
@@ -157,6 +169,7 @@ class StepResult:
     loss: float  # mean over every trained token of the step, on all ranks
     tokens_trained: int  # labels that were not IGNORE_INDEX, summed over data-parallel ranks
     grad_norm: torch.Tensor
+    applied: bool = True  # False: loss or gradient norm was not finite, the update was skipped
 
 
 def sum_over_data_ranks(value: torch.Tensor, mesh) -> torch.Tensor:
@@ -169,13 +182,19 @@ def sum_over_data_ranks(value: torch.Tensor, mesh) -> torch.Tensor:
     return value / mesh["tp"].size()
 
 
-def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=None) -> StepResult:
+def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=None,
+               precision: Callable[[], Any] = nullcontext) -> StepResult:
     """One optimizer step over grad-accumulation micro-batches.
 
     The loss is normalised by the number of trained labels in the whole step (all micro-batches
     and data-parallel ranks), so a token weighs the same wherever packing put it, and masked
     prompt tokens count for nothing. FSDP averages gradients over the dp_size data-parallel
-    ranks, hence the dp_size factor in each rank's scale."""
+    ranks, hence the dp_size factor in each rank's scale. `precision` makes the context of each
+    forward (autocast where FSDP does not cast: lingua.distributed.autocast_context).
+
+    A non-finite loss or gradient norm (all ranks see the same global values) leaves the
+    parameters, the optimizer and the schedule as they were: the update is checked before it
+    is applied, so no NaN ever reaches the weights or a checkpoint."""
     optimizer.zero_grad(set_to_none=True)
     device = micro_batches[0][0].device
     n_local = torch.stack([(y != IGNORE_INDEX).sum() for _, y in micro_batches]).sum().to(torch.float64)
@@ -183,13 +202,17 @@ def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=Non
     scale = dp_rank_and_size(mesh)[1] / max(float(n_global), 1.0)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     for x, y in micro_batches:
-        loss = model(x, target=y, reduction="sum")
+        with precision():
+            loss = model(x, target=y, reduction="sum")
         (loss * scale).backward()
         loss_sum += loss.detach()
     grad_norm = clip_grad_norm_(model.parameters(), clip)
+    mean_loss = float(sum_over_data_ranks(loss_sum, mesh)) / max(float(n_global), 1.0)
+    if not (math.isfinite(mean_loss) and bool(torch.isfinite(grad_norm))):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(mean_loss, int(n_global), grad_norm, applied=False)
     optimizer.step()
     scheduler.step()
-    mean_loss = float(sum_over_data_ranks(loss_sum, mesh)) / max(float(n_global), 1.0)
     return StepResult(mean_loss, int(n_global), grad_norm)
 
 
@@ -222,11 +245,12 @@ def _load_train_state(ckpt: CheckpointManager, latest: Path, model, optimizer, d
     saved = ckpt.load(latest, model, optimizer, dp_rank=dp_rank)
     if saved is None or saved.get("dp_size", dp_size) != dp_size:
         # Model and optimizer reshard freely (DCP); a data position does not carry over to a
-        # different number of data-parallel readers.
-        logger.warning("checkpoint %s was saved with a different data-parallel size; model and optimizer "
-                       "are loaded, the data loader restarts from the beginning of its shard", latest)
-        step = json.loads(train_state_file(latest, 0).read_text())["step"] if saved is None else saved["step"]
-        saved = {**(saved or {}), "step": step, "data_loader": None}
+        # different number of data-parallel readers. Everything else is the same on every rank,
+        # and a rank without a file of its own must not start a fresh schedule: under FSDP its
+        # shard of every tensor would follow another learning rate. All take rank 0's.
+        logger.warning("checkpoint %s was saved with a different data-parallel size; model, optimizer, step "
+                       "and schedule are loaded, the data loader restarts from the beginning of its shard", latest)
+        saved = {**json.loads(train_state_file(latest, 0).read_text()), "data_loader": None}
     return TrainState.from_json(saved)
 
 
@@ -243,6 +267,7 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
     dump_dir.mkdir(parents=True, exist_ok=True)
     init_logger(world.rank, str(dump_dir / "train.log") if world.rank == 0 else None)
     setup_env(args.env)
+    apply_numerics(args.distributed)
     set_cpu_threads(world)
     device = default_device(world.local_rank)
     init_distributed(world)
@@ -255,8 +280,9 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
     torch.manual_seed(args.seed)
 
     model = setup_model(args, mesh, dims, device, build_model_fn)
+    precision = autocast_context(args.distributed, device, fsdp=dims.dp > 1)
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
-    ckpt = CheckpointManager(args.checkpoint, dump_dir)
+    ckpt = CheckpointManager(args.checkpoint, dump_dir, eval_enabled=eval_args is not None)
     ckpt.remove_stale_tmp()
     state = TrainState()
     latest = ckpt.latest()
@@ -283,7 +309,8 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
     gc.disable()  # collect on our schedule: an untimely collection stalls a step
 
     with ExitStack() as stack:
-        loader = build_data_loader(args.data, dp_rank, dp_size, state.data_loader)
+        loader = build_data_loader(args.data, dp_rank, dp_size, state.data_loader,
+                                   start_method=loader_start_method(args.distributed))
         stack.callback(loader.close)
         metrics = None
         if world.rank == 0:
@@ -299,12 +326,12 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
             t0 = time.perf_counter()
             micro_batches = [_to_device(next(loader), device) for _ in range(args.grad_acc_steps)]
             data_time += time.perf_counter() - t0
-            result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh)
+            result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh, precision)
             loss_value, grad_norm = result.loss, result.grad_norm
-            if not math.isfinite(loss_value):
+            if not result.applied:
                 raise NonFiniteLoss(
-                    f"loss is {loss_value} at step {state.step + 1}: stopping; last good checkpoint: "
-                    f"{ckpt.latest() or 'none'}"
+                    f"loss is {loss_value}, gradient norm {float(grad_norm)} at step {state.step + 1}: the update "
+                    f"was not applied; stopping. Last good checkpoint: {ckpt.latest() or 'none'}"
                 )
             state.step += 1
             state.tokens_seen += tokens_per_step
@@ -356,8 +383,9 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
                     logger.info("submitted eval job %s for step %d (logs in %s)", job, state.step,
                                 dump_dir / "evals" / f"{state.step:010d}" / "logs")
             elif eval_due:
-                results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank, dp_size,
-                                         replicas_per_shard=dims.tp)
+                with precision():  # scored in the precision it trains in
+                    results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank,
+                                             dp_size, replicas_per_shard=dims.tp)
                 if world.rank == 0:
                     out = Path(eval_args.metric_log_dir or dump_dir)
                     with MetricLogger(out / "metrics.validation.jsonl") as m:

@@ -1,17 +1,23 @@
 """Launch a training script as a SLURM job from a frozen copy of the code.
 
-    python -m lingua.stool script=apps.main.train config=apps/main/configs/X.yaml nodes=N [ngpu=8 ...]
+    python -m lingua.stool script=apps.main.train config=apps/main/configs/X.yaml nodes=N [ngpu=8 ...] \
+        [dump_dir=... steps=... data.batch_size=...]
 
-Everything is checked before anything is written: the keys, that the script imports, that
-the config loads into the script's TrainArgs, that dump_dir is free. Then the code (.py and
-config files) is copied to dump_dir/code, the config to dump_dir/base_config.yaml, a job
-script to dump_dir/submit.slurm, and the job is submitted with sbatch (or run with bash).
+A `key=value` whose first part is not a StoolArgs field overrides the training config, as on
+the training script's own command line. Relative paths of the config are resolved against the
+directory stool runs in, because the job runs in its code snapshot. Everything is checked
+before anything is written: the keys, that the script imports, that the config (with the
+overrides) loads into the script's TrainArgs, that its data exists, that dump_dir is free (or
+safe to reuse or delete). Then the code (.py and config files) is copied to dump_dir/code, the
+config to dump_dir/base_config.yaml, a job script to dump_dir/submit.slurm, and the job is
+submitted with sbatch (or run with bash).
 The job asks for USR2 120 s before its time limit: the training loop saves, requeues the job
 and exits; the requeued job resumes from that checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -25,11 +31,29 @@ from typing import Optional
 
 import yaml
 
-from lingua.args import ConfigError, choice, cli_main, from_dict, load_yaml
+from lingua.args import (
+    ConfigError,
+    _closest,
+    _deep_merge,
+    _dotlist_to_dict,
+    _leaf_keys,
+    choice,
+    cli_main,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
+from lingua.data import DataArgs, DataError, source_files
 from lingua.distributed import clean_env
 
 CODE_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".sh", ".txt", ".cfg", ".ini", ".toml"}
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "data", "dump", "dumps", ".gl", ".whl"}
+# What stool and training write into a dump_dir: override=true deletes a dir only if it holds one.
+DUMP_MARKERS = ("base_config.yaml", "submit.slurm", "config.yaml", "metrics.jsonl", "train.log", "checkpoints", "code")
+# Local paths of a training config. The job runs in dump_dir/code, so a relative one must be
+# made absolute against the directory stool runs in, where the user wrote it from.
+PATH_KEYS = ("dump_dir", "data.root_dir", "data.tokenizer.path", "checkpoint.path", "checkpoint.init_ckpt_path",
+             "eval.validation.root_dir")
 
 
 @dataclass
@@ -58,8 +82,74 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def validate(args: StoolArgs) -> tuple[dict, Path]:
-    """All checks, before anything is written. Returns (config dict, dump_dir)."""
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(stool's own arguments, training overrides): `key=value` items whose first key part is
+    not a StoolArgs field override the training config."""
+    fields = {f.name for f in dataclasses.fields(StoolArgs)}
+    own, overrides = [], []
+    for item in argv:
+        key = item.split("=", 1)[0].split(".", 1)[0]
+        (overrides if "=" in item and key and key not in fields else own).append(item)
+    return own, overrides
+
+
+def resolve_paths(config: dict, base: Path) -> dict:
+    """PATH_KEYS that are set and relative become absolute under `base` (in place)."""
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(leaf), str) or not node[leaf]:
+            continue
+        if "://" in node[leaf]:  # fsspec URLs are not local paths
+            continue
+        path = Path(node[leaf]).expanduser()
+        node[leaf] = str(path if path.is_absolute() else Path(os.path.normpath(base / path)))
+    return config
+
+
+def apply_overrides(config: dict, overrides: list[str], train_args_cls: Optional[type]) -> dict:
+    tree = _dotlist_to_dict(overrides)
+    if train_args_cls is not None:
+        # A top-level typo may be meant for stool (nodez) or for training (stepz): suggest from both.
+        train_keys = [f.name for f in dataclasses.fields(train_args_cls) if f.init]
+        stool_keys = [f.name for f in dataclasses.fields(StoolArgs)]
+        for key, value in tree.items():
+            if key not in train_keys:
+                leaves = ", ".join(f"'{k}'" for k in _leaf_keys(value, key))
+                raise ConfigError(f"unknown config key {leaves}{_closest(key, train_keys + stool_keys)} "
+                                  "(on the stool command line)")
+    return to_dict(_deep_merge(config, tree))
+
+
+def check_existing_dump_dir(args: StoolArgs, dump_dir: Path) -> None:
+    """dump_dir exists: refuse unless it is the user's wish and only stool's own files are at stake."""
+    if not (args.dirs_exists_ok or args.override):
+        raise ConfigError(f"dump_dir {dump_dir} already exists: pass dirs_exists_ok=true to reuse it (the job "
+                          "resumes from its checkpoints) or override=true to delete it first")
+    if not dump_dir.is_dir():
+        raise ConfigError(f"dump_dir {dump_dir} exists and is not a directory")
+    mode = "override=true would delete it" if args.override else "dirs_exists_ok=true would write into it"
+    for what, path in (("the repository", repo_root()), ("the current directory", Path.cwd()),
+                       ("your home directory", Path.home()), ("the root directory", Path("/"))):
+        path = path.resolve()
+        if path.is_relative_to(dump_dir):
+            relation = "is" if path == dump_dir else "contains"
+            raise ConfigError(f"dump_dir {dump_dir} {relation} {what} ({path}): {mode}; give each run a "
+                              "dump_dir of its own (e.g. dump_dir=./dump/<name>)")
+    if args.override and any(dump_dir.iterdir()) and not any((dump_dir / m).exists() for m in DUMP_MARKERS):
+        raise ConfigError(f"dump_dir {dump_dir} does not look like a dump dir (it has none of "
+                          f"{', '.join(DUMP_MARKERS)}): {mode}; delete it yourself if you mean it")
+    if args.dirs_exists_ok and args.copy_code and (dump_dir / "code").exists() \
+            and not (dump_dir / "submit.slurm").exists():
+        raise ConfigError(f"dump_dir {dump_dir} holds a code/ that stool did not write (no submit.slurm next "
+                          "to it), and the code snapshot would replace it: move it, or pick another dump_dir")
+
+
+def validate(args: StoolArgs, overrides: Optional[list[str]] = None) -> tuple[dict, Path]:
+    """All checks, before anything is written. Returns (config dict with the overrides applied
+    and absolute paths, dump_dir)."""
     if args.nodes < 1:
         raise ConfigError(f"nodes must be given and >= 1 (got nodes={args.nodes}), e.g. nodes=1")
     if args.ngpu < 0 or args.ncpu < 1:
@@ -80,17 +170,24 @@ def validate(args: StoolArgs) -> tuple[dict, Path]:
     except Exception as e:  # a broken script must not be submitted
         raise ConfigError(f"script '{args.script}' fails to import: {type(e).__name__}: {e}") from None
     train_args_cls = getattr(module, "TrainArgs", None)
+    config = resolve_paths(apply_overrides(config, overrides or [], train_args_cls), Path.cwd())
     if train_args_cls is not None:
         try:
-            from_dict(train_args_cls, config)
+            train_args = from_dict(train_args_cls, config)
         except ConfigError as e:
-            raise ConfigError(f"{e} (in {args.config})") from None
+            raise ConfigError(f"{e} (in {args.config}{' or the command line' if overrides else ''})") from None
+        data = getattr(train_args, "data", None)
+        if isinstance(data, DataArgs):
+            try:
+                source_files(data)
+            except DataError as e:
+                raise ConfigError(f"{e} (relative paths of the config are resolved against {Path.cwd()}, "
+                                  "where stool runs)") from None
     if not config.get("dump_dir"):
-        raise ConfigError(f"{args.config} has no dump_dir: the job needs one to live in")
-    dump_dir = Path(config["dump_dir"]).expanduser().resolve()
-    if dump_dir.exists() and not (args.dirs_exists_ok or args.override):
-        raise ConfigError(f"dump_dir {dump_dir} already exists: pass dirs_exists_ok=true to reuse it (the job "
-                          "resumes from its checkpoints) or override=true to delete it first")
+        raise ConfigError(f"{args.config} has no dump_dir: the job needs one to live in (or pass dump_dir=...)")
+    dump_dir = Path(config["dump_dir"]).resolve()
+    if dump_dir.exists():
+        check_existing_dump_dir(args, dump_dir)
     if args.launcher == "sbatch" and shutil.which("sbatch") is None:
         raise ConfigError("launcher=sbatch but sbatch is not on PATH (on a workstation: bash setup/local_slurm.sh)")
     return config, dump_dir
@@ -155,9 +252,9 @@ def job_script(args: StoolArgs, name: str, log_dir: Path, code_dir: Path, config
     return "\n".join(lines)
 
 
-def launch(args: StoolArgs) -> Optional[str]:
+def launch(args: StoolArgs, overrides: Optional[list[str]] = None) -> Optional[str]:
     """Validate, write dump_dir, submit. Returns the job id (sbatch) or None (bash)."""
-    config, dump_dir = validate(args)
+    config, dump_dir = validate(args, overrides)
     if args.override and dump_dir.exists():
         shutil.rmtree(dump_dir)
     root = repo_root()
@@ -165,7 +262,7 @@ def launch(args: StoolArgs) -> Optional[str]:
     (dump_dir / "logs").mkdir(parents=True, exist_ok=True)
     if args.copy_code:
         if code_dir.exists():
-            shutil.rmtree(code_dir)  # ours: a snapshot of an earlier submission of this dump_dir
+            shutil.rmtree(code_dir)  # ours (validate checked): a snapshot of an earlier submission
         n = copy_code(root, code_dir)
         print(f"code snapshot: {n} files from {root} -> {code_dir}")
     config = {**config, "dump_dir": str(dump_dir)}
@@ -214,9 +311,10 @@ def submit_eval_job(train_dump_dir: Path, ckpt: Path, step: int, eval_config: di
 
 
 def main(argv: Optional[list[str]] = None) -> Optional[str]:
-    args = cli_main(StoolArgs, argv, config_file=False)
+    own, overrides = split_argv(list(sys.argv[1:] if argv is None else argv))
+    args = cli_main(StoolArgs, own, config_file=False)
     try:
-        return launch(args)
+        return launch(args, overrides)
     except ConfigError as e:
         print(f"stool: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -190,10 +190,25 @@ def setup_env(args: EnvironmentArgs) -> None:
 
 
 def default_device(local_rank: int = 0) -> torch.device:
+    """This process's GPU, or the CPU. The index wraps around the visible GPUs: when SLURM binds
+    one GPU per task (--gpus-per-task), every task sees one device, cuda:0, whatever its rank."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def cpu_threads(info: WorldInfo, cores: int, env: Optional[dict] = None) -> int:
+    """torch threads for this process, given the `cores` its affinity allows. Processes on one
+    node share those cores, unless srun bound this task to its own: then its affinity holds no
+    more than the task's SLURM_CPUS_PER_TASK, already its share. (SLURM_CPU_BIND_TYPE cannot
+    tell: it names the binding asked for, also where the cluster does not bind.)"""
+    env = os.environ if env is None else env
+    per_task = env.get("SLURM_CPUS_PER_TASK", "")
+    if info.launcher == "slurm" and per_task.isdigit() and cores <= int(per_task):
+        return max(1, cores)
+    return max(1, cores // max(1, info.local_world_size))
 
 
 def set_cpu_threads(info: WorldInfo) -> None:
@@ -201,7 +216,7 @@ def set_cpu_threads(info: WorldInfo) -> None:
     if "OMP_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // max(1, info.local_world_size)))
+    torch.set_num_threads(cpu_threads(info, cores))
 
 
 
@@ -348,7 +363,10 @@ def apply_fsdp(model: nn.Module, mesh, dims: ParallelDims, args: DistributedArgs
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dp_mesh = data_parallel_mesh(mesh, dims)
-    mp = MixedPrecisionPolicy(param_dtype=training_dtype(args, device), reduce_dtype=torch.float32)
+    # cast_forward_inputs off: the blocks' floating inputs are the activations, already in the
+    # parameters' dtype, and the RoPE tables, which must stay fp32.
+    mp = MixedPrecisionPolicy(param_dtype=training_dtype(args, device), reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     reshard = args.fsdp_type == "full_shard"
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)

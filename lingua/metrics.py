@@ -1,6 +1,6 @@
 """Training metrics: flattened JSON rows in metrics.jsonl (+ wandb when configured), and the
-peak FLOP/s that MFU is measured against (a table for known GPUs, a measured matmul rate
-on CPU)."""
+peak FLOP/s that MFU is measured against (a table for known GPUs, a measured matmul rate on
+the device otherwise)."""
 
 from __future__ import annotations
 
@@ -24,50 +24,68 @@ class LoggingArgs:
     wandb: Optional[dict[str, Any]] = None  # passed to wandb.init(**wandb) when wandb is installed
 
 
-# Dense bf16 tensor-core peaks (FLOP/s), no sparsity; matched by substring of the device name.
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by model, from the vendors' data sheets.
+# Variants differ (an H100 PCIe is not an SXM), so a name matches the most specific pattern that
+# it contains as whole words; a GPU missing here is measured, never given another's peak. V100
+# has no bf16 tensor cores: it is measured too.
 GPU_PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
     "H200": 989e12,
-    "H100": 989e12,
     "H800": 989e12,
-    "A100": 312e12,
+    "A100": 312e12,  # SXM and PCIe alike
     "A800": 312e12,
     "L40S": 362e12,
-    "A10G": 125e12,
-    "V100": 125e12,
 }
 
 
 def gpu_peak_flops(device_name: str) -> Optional[float]:
-    for key, peak in GPU_PEAK_BF16.items():
-        if key in device_name:
-            return peak
+    """The table's peak for a device name such as "NVIDIA H100 PCIe", or None."""
+    words = device_name.replace("-", " ").split()
+    for key in sorted(GPU_PEAK_BF16, key=lambda k: -len(k.split())):
+        parts = key.split()
+        if any(words[i : i + len(parts)] == parts for i in range(len(words))):
+            return GPU_PEAK_BF16[key]
     return None
 
 
-def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 50, dtype=torch.float32) -> float:
-    """Best-of-`repeats` FLOP/s of an n x n matmul with the current torch thread count.
+def measure_matmul_flops(device: torch.device = torch.device("cpu"), dtype=torch.float32, n: int = 1024,
+                         repeats: int = 50) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n matmul on `device`, synchronised on accelerators.
 
-    Many repeats (~0.5 s): the first few often catch the CPU before it is up to speed, and a
-    low peak would flatter every MFU figure measured against it."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
+    Many repeats (~0.5 s on a CPU): the first few often catch the device before it is up to
+    speed, and a low peak would flatter every MFU figure measured against it."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
         a @ b
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
 
-def peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from) for MFU."""
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 50, dtype=torch.float32) -> float:
+    return measure_matmul_flops(torch.device("cpu"), dtype, n, repeats)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from) for MFU: the data-sheet bf16 peak of a known GPU training
+    in bf16; otherwise a measured matmul rate in the training dtype on the device itself."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_flops(name)
+        peak = gpu_peak_flops(name) if dtype == torch.bfloat16 else None
         if peak is not None:
             return peak, f"{name} bf16 dense peak"
-        logger.warning("no peak FLOP/s known for %s: MFU uses the measured matmul rate", name)
+        logger.warning("no %s peak FLOP/s known for %s: MFU uses a measured matmul rate", dtype, name)
+        rate = measure_matmul_flops(device, dtype, n=8192, repeats=20)
+        return rate, f"measured {dtype} 8192x8192 matmul rate on {name} (best of 20)"
     return measure_cpu_matmul_flops(), (f"measured fp32 1024x1024 matmul rate on {device.type} "
                                         f"({torch.get_num_threads()} threads, best of 50)")
 

@@ -91,14 +91,16 @@ class _MatmulInFP32(torch.autograd.Function):
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, b)
         dtype = _compute_dtype(a, b)
-        return torch.matmul(a.to(dtype), b.to(dtype))
+        with torch.autocast(a.device.type, enabled=False):  # autocast would make it bf16 again
+            return torch.matmul(a.to(dtype), b.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
         grad = grad.to(_compute_dtype(a, b))
-        grad_a = torch.matmul(grad, b.to(grad.dtype).mT).to(a.dtype) if ctx.needs_input_grad[0] else None
-        grad_b = torch.matmul(a.to(grad.dtype).mT, grad).to(b.dtype) if ctx.needs_input_grad[1] else None
+        with torch.autocast(a.device.type, enabled=False):
+            grad_a = torch.matmul(grad, b.to(grad.dtype).mT).to(a.dtype) if ctx.needs_input_grad[0] else None
+            grad_b = torch.matmul(a.to(grad.dtype).mT, grad).to(b.dtype) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b
 
 

@@ -151,11 +151,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, D]; cos/sin: [S, D]."""
+    """x: [B, S, H, D]; cos/sin: [S, D]. Rotated in fp32 with the fp32 tables and rounded once:
+    bf16 tables lose the angle at large positions, and bf16 products round three times."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return x * cos + rotated * sin
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos[:, None, :].float() + rotated * sin[:, None, :].float()).to(x.dtype)
 
 
 @dataclass

@@ -490,3 +490,45 @@ def test_collective_device_follows_the_backend(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         seen[backend] = proc.stdout.split()[-1]
     assert seen == {"gloo": "cpu", "cuda:gloo": "cuda:0"}
+
+
+def test_cpu_threads_divide_shared_cores_but_not_bound_ones():
+    from lingua.distributed import WorldInfo, cpu_threads
+
+    slurm = WorldInfo(rank=1, local_rank=1, world_size=8, local_world_size=8, launcher="slurm")
+    torchrun = WorldInfo(rank=1, local_rank=1, world_size=8, local_world_size=8, launcher="torchrun")
+    # srun bound each of 8 tasks to 16 cores of a 128-core node: its 16 are its own (was 2).
+    assert cpu_threads(slurm, 16, {"SLURM_CPUS_PER_TASK": "16"}) == 16
+    # No binding (task/none): every task sees all 128 cores, shared by 8.
+    assert cpu_threads(slurm, 128, {"SLURM_CPUS_PER_TASK": "16"}) == 16
+    assert cpu_threads(torchrun, 128, {}) == 16
+    assert cpu_threads(torchrun, 4, {}) == 1
+
+
+def test_device_index_wraps_around_the_visible_gpus(monkeypatch):
+    """SLURM's --gpus-per-task shows each task one GPU, cuda:0, whatever its local rank."""
+    from lingua.distributed import default_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert default_device(local_rank=3) == torch.device("cuda", 0) and chosen == [0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert default_device(local_rank=3) == torch.device("cuda", 3) and chosen == [0, 3]
+
+
+def test_grad_accumulation_under_fsdp_reduce_scatters_once_per_step(corpus, tmp_path):
+    """With 3 micro-batches FSDP reduce-scattered after each backward; only the last one needs
+    to. Counted per rank with tests/device_checks.py, against the same run without accumulation."""
+    counts = {}
+    for acc in (1, 3):
+        argv = tiny_overrides(corpus, tmp_path / f"acc{acc}", steps=2, grad_acc_steps=acc, **{
+            "data.load_async": "false", "distributed.dp_shard": 2, "eval": "null"})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "tests" / "checked_train.py"), str(tmp_path / f"calls{acc}"), *argv]
+        proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        calls = json.loads((tmp_path / f"calls{acc}.rank0.json").read_text())
+        counts[acc] = sum(c["op"] == "c10d._reduce_scatter_base_.default" for c in calls)
+    assert counts[1] > 0 and counts[3] == counts[1], counts

@@ -305,3 +305,15 @@ def test_fp32_matmul_gradients_equal_autograd():
     assert torch.autograd.gradcheck(matmul_fp32, (a, b))
     w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(matmul_fp32, (a.detach().flatten(0, 1).requires_grad_(), w))
+
+
+def test_mix_stays_fp32_under_autocast():
+    """Training without FSDP runs under autocast: the coefficient projection and the stream mix
+    must still be fp32 (autocast turned them into bf16 matmuls)."""
+    hc = _hyper_connection(64)
+    x = torch.randn(4, 16, 4, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = hc(x, lambda h: 2 * h)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = hc(x, lambda h: 2 * h)
+    assert cast.dtype == torch.float32 and torch.equal(cast, plain)

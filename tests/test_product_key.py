@@ -272,3 +272,15 @@ def test_paper_configs_are_dense_and_memory_twins(size: str, dense_params: float
     assert 0.9 < ratio <= 1.0
     # Same training recipe apart from the memory.
     assert dargs.optim == margs.optim and dargs.data == margs.data and dargs.steps == margs.steps
+
+
+def test_product_key_scores_stay_fp32_under_autocast():
+    """bf16 scores under autocast changed the top-32 rows of most (token, head) pairs."""
+    g = torch.Generator().manual_seed(0)
+    q1, q2 = torch.randn(64, 4, 32, generator=g), torch.randn(64, 4, 32, generator=g)
+    k1, k2 = torch.randn(4, 128, 32, generator=g), torch.randn(4, 128, 32, generator=g)
+    scores, rows = product_key_topk(q1, q2, k1, k2, knn=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_scores, cast_rows = product_key_topk(q1, q2, k1, k2, knn=32)
+    assert cast_scores.dtype == torch.float32
+    assert torch.equal(cast_rows, rows) and torch.equal(cast_scores, scores)

@@ -293,7 +293,7 @@ def test_one_process_step_runs_its_matmuls_in_model_dtype(corpus, tmp_path, monk
 
     monkeypatch.setattr(lingua.distributed, "training_dtype", lambda args, device: torch.bfloat16)
     # The peak for MFU is the machine's fp32 matmul rate, measured with matmuls of its own.
-    monkeypatch.setattr("apps.main.train.peak_flops", lambda device: (1e12, "a test peak"))
+    monkeypatch.setattr("apps.main.train.peak_flops", lambda device, dtype: (1e12, "a test peak"))
 
     class MatmulDtypes(TorchDispatchMode):
         def __init__(self):

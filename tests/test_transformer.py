@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from apps.main.generate import GeneratorArgs, generate, sample_next
 from apps.main.transformer import LMTransformerArgs, build_model
 from lingua.tokenizer import build_tokenizer
 from lingua.transformer import Attention, BaseTransformerArgs, RotaryEmbedding
-from tests.conftest import decode_step_by_step
+from tests.conftest import ROOT, decode_step_by_step
 
 
 def tiny(**kw) -> LMTransformerArgs:
@@ -179,3 +181,45 @@ def test_generate_is_deterministic_and_stops_at_until():
     if len(greedy) > 3:
         cut = generate(model, tok, ["abc"], GeneratorArgs(max_gen_len=30, until=[greedy[2:4]]))[0]
         assert cut == greedy[: greedy.index(greedy[2:4])]
+
+
+def test_rope_in_bf16_is_rounded_once():
+    """Rotated in fp32 and rounded once, a bf16 query equals the fp64 rotation rounded to bf16;
+    with bf16 tables and bf16 products (as before) most entries were off by an ulp or more."""
+    from lingua.transformer import apply_rope
+
+    cos, sin = RotaryEmbedding(64, 4096, 10000.0)(0, 4096)
+    x = torch.randn(1, 4096, 2, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    half = 32
+    xd = x.double()
+    ref = xd * cos[:, None].double() + torch.cat([-xd[..., half:], xd[..., :half]], -1) * sin[:, None].double()
+    out = apply_rope(x, cos, sin)
+    assert out.dtype == torch.bfloat16
+    exact = (out == ref.to(torch.bfloat16)).double().mean().item()
+    assert exact > 0.99, exact
+
+
+def test_fsdp_hands_the_blocks_fp32_rope_tables(tmp_path):
+    """FSDP's mixed precision casts a module's floating forward inputs to the parameter dtype by
+    default, which made the RoPE tables bf16 inside every block. One rank, bf16 parameters."""
+    script = """
+import sys, torch, torch.distributed as dist
+import lingua.distributed as ld
+from apps.main.transformer import LMTransformerArgs, build_model
+from lingua.distributed import DistributedArgs, ParallelDims, apply_fsdp, build_mesh
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + sys.argv[1])
+ld.training_dtype = lambda args, device: torch.bfloat16  # as on a GPU
+dims = ParallelDims(1, 1, 1)
+model = build_model(LMTransformerArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, max_seqlen=16))
+apply_fsdp(model, build_mesh(dims, "cpu"), dims, DistributedArgs(), torch.device("cpu"))
+seen = []
+model.layers[0].attention.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, args[1][0].dtype)))
+model(torch.randint(0, 64, (1, 16)))
+print(*seen[0])
+dist.destroy_process_group()
+"""
+    env = dict(__import__("os").environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "init")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["torch.bfloat16", "torch.float32"], proc.stdout

@@ -54,6 +54,7 @@ from lingua.distributed import (
     setup_env,
     shutdown_distributed,
     tp_rank,
+    training_dtype,
     world_info,
 )
 from lingua.transformer import ParamInit
@@ -201,7 +202,11 @@ def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=Non
     n_global = sum_over_data_ranks(n_local, mesh)
     scale = dp_rank_and_size(mesh)[1] / max(float(n_global), 1.0)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    for x, y in micro_batches:
+    # FSDP reduce-scatters gradients after each backward: only the last micro-batch's needs to.
+    sync_grads = getattr(model, "set_requires_gradient_sync", None)
+    for i, (x, y) in enumerate(micro_batches):
+        if sync_grads is not None:
+            sync_grads(i == len(micro_batches) - 1)
         with precision():
             loss = model(x, target=y, reduction="sum")
         (loss * scale).backward()
@@ -303,7 +308,7 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
 
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.flops_per_token(args.data.seq_len)
-    peak, peak_source = peak_flops(device)
+    peak, peak_source = peak_flops(device, training_dtype(args.distributed, device))
     logger.info("model: %.2fM parameters (this rank), %.1f MFLOP/token; MFU against %s (%.1f GFLOP/s)",
                 n_params / 1e6, flops_per_token / 1e6, peak_source, peak / 1e9)
     gc.disable()  # collect on our schedule: an untimely collection stalls a step

@@ -121,8 +121,11 @@ def product_key_topk(
     each half's top knn, so searching the knn x knn candidates is exact.
     """
     n_keys = keys1.shape[1]
-    s1 = torch.einsum("nhd,hkd->nhk", q1, keys1)
-    s2 = torch.einsum("nhd,hkd->nhk", q2, keys2)
+    # In the inputs' precision (fp32 from search), also under autocast: bf16 scores changed the
+    # top-32 set of most (token, head) pairs.
+    with torch.autocast(q1.device.type, enabled=False):
+        s1 = torch.einsum("nhd,hkd->nhk", q1, keys1)
+        s2 = torch.einsum("nhd,hkd->nhk", q2, keys2)
     s1, i1 = s1.topk(knn, dim=-1)
     s2, i2 = s2.topk(knn, dim=-1)
     candidates = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # [N, H, knn*knn]

@@ -460,9 +460,9 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torc
         total_sq += sq
     total = total_sq.sqrt()
     if max_norm and max_norm > 0:
-        coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))
-        for g in grads:
-            g.mul_(coef)
+        # A tensor, not a float: reading it would make the host wait for the GPU every step.
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
     return total
 
 

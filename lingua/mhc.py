@@ -186,8 +186,10 @@ class HyperConnection(nn.Module):
 
 
 def expand_streams(h: torch.Tensor, n: int) -> torch.Tensor:
-    """[..., C] -> [..., n, C]: the embedding copied into every stream."""
-    return h.unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1])
+    """[..., C] -> [..., n, C]: the embedding copied into every stream. A real copy, not a
+    stride-0 view: every block then sees the same strides, and a compiled block (one code
+    object for all of them) needs one graph, not one more for block 0."""
+    return h.unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1]).contiguous()
 
 
 def reduce_streams(x: torch.Tensor) -> torch.Tensor:

@@ -124,16 +124,28 @@ def collect_overrides(model: nn.Module) -> dict[str, dict]:
     return out
 
 
+def _mesh_key(param: torch.Tensor) -> tuple:
+    """() for a plain tensor; the device mesh of a DTensor. The fused AdamW kernel takes one
+    kind per call: plain tensors and DTensors, or DTensors of different meshes, do not mix."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return ()
+    mesh = param.device_mesh
+    return (tuple(mesh.mesh_dim_names or ()), tuple(mesh.mesh.flatten().tolist()))
+
+
 def param_groups(model: nn.Module, args: OptimArgs) -> list[dict]:
-    """One group per distinct (lr, weight_decay); the default group first."""
+    """One group per distinct (lr, weight_decay) and device mesh; the default lr and decay first."""
     overrides = collect_overrides(model)
-    groups: dict[tuple[float, float], dict] = {}
+    groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         o = overrides.get(name, {})
-        key = (float(o.get("lr", args.lr)), float(o.get("weight_decay", args.weight_decay)))
-        group = groups.setdefault(key, {"params": [], "names": [], "lr": key[0], "weight_decay": key[1]})
+        lr, decay = float(o.get("lr", args.lr)), float(o.get("weight_decay", args.weight_decay))
+        group = groups.setdefault((lr, decay, _mesh_key(param)),
+                                  {"params": [], "names": [], "lr": lr, "weight_decay": decay})
         group["params"].append(param)
         group["names"].append(name)
     default = (float(args.lr), float(args.weight_decay))
@@ -144,8 +156,10 @@ def build_optimizer(model: nn.Module, args: OptimArgs, n_steps: int) -> tuple[to
     groups = param_groups(model, args)
     for group in groups:
         del group["names"]  # only for tests and debugging; AdamW would carry it into its state
+    # Fused: one kernel per device and dtype, and it takes `found_inf` (as from GradScaler), so
+    # the training step skips a non-finite update on the device without reading a flag.
     optimizer = torch.optim.AdamW(
-        groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.epsilon, weight_decay=args.weight_decay, fused=False
+        groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.epsilon, weight_decay=args.weight_decay, fused=True
     )
     scheduler = LambdaLR(optimizer, build_lr_fn(args, n_steps))
     return optimizer, scheduler

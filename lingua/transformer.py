@@ -8,6 +8,7 @@ residual (`TransformerBlock.forward`) by config, without touching the training l
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -198,6 +199,50 @@ def _xformers_available(device: torch.device) -> bool:
     return True
 
 
+def flex_block_mask(q_len: int, kv_len: int, window: Optional[int], device: torch.device):
+    """FlexAttention's block mask for causal attention (queries at the end of the keys), within
+    `window` keys when set."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = kv_len - q_len
+
+    def causal(b, h, q_idx, kv_idx):
+        keep = kv_idx <= q_idx + offset
+        if window is not None:
+            keep = keep & (kv_idx > q_idx + offset - window)
+        return keep
+
+    return create_block_mask(causal, None, None, q_len, kv_len, device=device)
+
+
+class FlexMasks:
+    """Block masks by (q_len, kv_len, window, device), shared by the layers of one model: a mask
+    depends on the shapes only, so it is built once, not once per layer per step. Holds the few
+    shapes a run uses (training, validation, decoding)."""
+
+    MAX_ENTRIES = 8
+
+    def __init__(self):
+        self.masks: dict[tuple, object] = {}
+
+    def get(self, q_len: int, kv_len: int, window: Optional[int], device: torch.device):
+        key = (q_len, kv_len, window, str(device))
+        if key not in self.masks:
+            if len(self.masks) >= self.MAX_ENTRIES:
+                self.masks.pop(next(iter(self.masks)))
+            self.masks[key] = flex_block_mask(q_len, kv_len, window, device)
+        return self.masks[key]
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once per process, on first use (a pure function: torch.compile's
+    caches live on the returned object, so it is reused, not rebuilt per call)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
 def sdpa_gqa_is_fused(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
     """Whether sdpa's `enable_gqa` reaches a fused kernel. In torch 2.13 only the flash kernels
     take it: on CPU for any dtype and mask, on CUDA for fp16/bf16 without a mask. Everywhere else
@@ -224,6 +269,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self._warned_fallback = False
+        self.flex_masks = FlexMasks()  # BaseTransformer gives all its layers one
 
     def forward(
         self,
@@ -283,19 +329,15 @@ class Attention(nn.Module):
         return out.transpose(1, 2)
 
     def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
 
-        q_len, kv_len, window = q.shape[2], k.shape[2], self.sliding_window
-        offset = kv_len - q_len
-
-        def causal(b, h, q_idx, kv_idx):
-            keep = kv_idx <= q_idx + offset
-            if window is not None:
-                keep = keep & (kv_idx > q_idx + offset - window)
-            return keep
-
-        block_mask = create_block_mask(causal, None, None, q_len, kv_len, device=q.device)
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]
+        if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
+            mask = flex_block_mask(q.shape[2], k.shape[2], self.sliding_window, q.device)
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+        # Eager flex_attention materialises the scores; compiled once it is the fused kernel.
+        mask = self.flex_masks.get(q.shape[2], k.shape[2], self.sliding_window, q.device)
+        return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
 
     def reset_parameters(self, init: ParamInit, init_std: float, factor: float) -> None:
         for w in (self.wq, self.wk, self.wv):
@@ -328,16 +370,28 @@ class FeedForward(nn.Module):
 _ATTENTION_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.higher_order.flex_attention,
 }
+# xformers registers its kernels under these namespaces (cutlass, flash 2 and 3 forwards).
+_XFORMERS_NAMESPACES = ("xformers", "xformers_flash", "xformers_flash3")
 _MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def is_attention_op(op) -> bool:
+    """An attention kernel's forward, whichever attn_impl ran it: kept by SAC, not recomputed."""
+    if op in _ATTENTION_OPS:
+        return True
+    namespace, name = getattr(op, "namespace", ""), getattr(op, "__name__", "")
+    return namespace in _XFORMERS_NAMESPACES and ("fwd" in name or "forward" in name)
 
 
 def selective_checkpoint_context():
     matmuls = {"forward": 0, "recompute": 0}
 
     def policy(ctx, op, *args, **kwargs):
-        if op in _ATTENTION_OPS:
+        if is_attention_op(op):
             return CheckpointPolicy.MUST_SAVE
         if op in _MATMUL_OPS:
             mode = "recompute" if ctx.is_recompute else "forward"
@@ -419,6 +473,9 @@ class BaseTransformer(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(args, i, self.build_feed_forward(args, i), sliding_window) for i in range(args.n_layers)
         )
+        flex_masks = FlexMasks()
+        for layer in self.layers:
+            layer.attention.flex_masks = flex_masks
 
     def build_feed_forward(self, args: BaseTransformerArgs, layer_id: int) -> nn.Module:
         return FeedForward(args.dim, args.ffn_hidden_dim())

@@ -10,6 +10,9 @@ marks those, and what is computed from them alone): on a GPU those would be CPU 
         train(args)
     assert not log.deviceless(), log.deviceless()
 
+`HostSyncs` counts the ops that make the host wait for a GPU (a scalar read back, or an output
+whose size depends on the data): each drains the GPU's queue of kernels.
+
 `LiveStorages` counts the bytes a forward leaves alive for backward, exactly, per storage.
 """
 
@@ -19,49 +22,10 @@ from dataclasses import dataclass
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-# Factories that put their result on the default device unless told otherwise.
-FACTORIES = {
-    torch.tensor, torch.as_tensor, torch.scalar_tensor, torch.zeros, torch.ones, torch.empty, torch.full,
-    torch.arange, torch.linspace, torch.rand, torch.randn, torch.randint, torch.eye,
-}
-
-
-class DevicelessFactories(TorchFunctionMode):
-    """Marks the storages of tensors made by a factory without `device=` (a default-device
-    context counts as naming one: it adds the argument before this mode sees the call)."""
-
-    def __init__(self):
-        super().__init__()
-        self.storages: dict[int, StorageWeakRef] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func in FACTORIES and kwargs.get("device") is None and isinstance(out, torch.Tensor):
-            self.mark(out)
-        return out
-
-    def mark(self, t: torch.Tensor) -> None:
-        if _has_storage(t):
-            storage = t.untyped_storage()
-            self.storages[storage.data_ptr()] = StorageWeakRef(storage)
-
-    def marked(self, t: torch.Tensor) -> bool:
-        if not self.storages or not _has_storage(t):
-            return False
-        ref = self.storages.get(t.untyped_storage().data_ptr())
-        # Keyed by address: a dead marked storage whose address was reused is not a match.
-        return ref is not None and not ref.expired()
-
-
-def _has_storage(t: torch.Tensor) -> bool:
-    """Plain tensors with data (not meta, not wrapper subclasses such as DTensor)."""
-    return type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta
-
+from lingua.profiling import DevicelessFactories, HostSyncs  # noqa: F401  (re-exported for the tests)
 
 @dataclass
 class Collective:
@@ -91,10 +55,7 @@ class CollectiveLog(TorchDispatchMode):
             for t in inputs:
                 self.calls.append(Collective(str(func), str(t.device), str(t.dtype), self.made.marked(t)))
         out = func(*args, **kwargs)
-        if inputs and all(self.made.marked(t) for t in inputs):
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self.made.mark(t)
+        self.made.propagate(args, kwargs, out)
         return out
 
     def deviceless(self) -> list[Collective]:

@@ -71,7 +71,7 @@ def run(out: str, overrides: list[str]) -> None:
         labels[torch.rand(labels.shape, generator=gen) < torch.linspace(0.0, 0.6, GLOBAL_BATCH)[:, None]] = IGNORE_INDEX
         rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         step = train_step(model, optimizer, scheduler, [(tokens[rows, :-1], labels[rows])], args.optim.clip, mesh)
-        result["loss"].append(step.loss)
+        result["loss"].append(float(step.loss))
         result["grad_norm"].append(float(full(step.grad_norm)))
         result["grads"].append({n: full(p.grad) for n, p in model.named_parameters()})
     result["params"] = {n: full(p) for n, p in model.named_parameters()}

@@ -38,6 +38,9 @@ def test_main_prints_one_json_object_with_the_figures(capsys):
     assert result["machine"]["cpu_count"] >= 1 and "arch" in result["machine"]
     assert result["config"]["dim"] == 64 and result["config"]["seq_len"] == 32
     assert result["n_params"]["ours"] == result["n_params"]["reference"]
+    # The loop's own step reads nothing back from the device (the reference does not either).
+    assert result["syncs_per_step"] == 0 and result["syncs_per_step_by_variant"] == {"ours": 0, "reference": 0}
+    assert result["sync_sites"] == []
 
     tokens = result["config"]["batch_size"] * result["config"]["seq_len"]
     assert math.isclose(result["tokens_per_s"], tokens / result["step_time_s"]["ours"])

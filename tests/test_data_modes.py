@@ -188,9 +188,9 @@ def test_step_loss_is_the_mean_over_all_trained_labels_of_all_micro_batches() ->
     whole, p_whole = one_step([(x, y)])
     with torch.no_grad():
         reference = torch.nn.functional.cross_entropy(tiny_model()(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
-    assert split.tokens_trained == whole.tokens_trained == int((y != IGNORE_INDEX).sum())
-    assert split.loss == pytest.approx(float(reference), rel=1e-5)
-    assert whole.loss == pytest.approx(float(reference), rel=1e-5)
+    assert int(split.tokens_trained) == int(whole.tokens_trained) == int((y != IGNORE_INDEX).sum())
+    assert float(split.loss) == pytest.approx(float(reference), rel=1e-5)
+    assert float(whole.loss) == pytest.approx(float(reference), rel=1e-5)
     for name in p_whole:
         torch.testing.assert_close(p_split[name], p_whole[name], rtol=1e-4, atol=1e-6)
 

@@ -87,6 +87,14 @@ compiled = torch.compile(xe.triton_weighted_bag, backend="aot_eager", fullgraph=
 got = run_bag(compiled, table.detach(), rows, weights.detach(), grad_out)
 ref = run_bag(xe.reference_weighted_bag, table.detach(), rows, weights.detach(), grad_out)
 errors["compiled"] = [float((a - b).abs().max()) for a, b in zip(got, ref)]
+# A bf16 table with fp32 softmax weights: the weights are used and differentiated in fp32.
+table, rows, weights, grad_out = make_case(*TRITON_CASES[0])
+table16 = table.bfloat16()
+grad16 = grad_out.bfloat16()
+out, _, gw = run_bag(lambda t, r, w: xe.weighted_bag(t, r, w, impl="triton"), table16, rows, weights, grad16)
+exact_gw = (table16.double()[rows] * grad16.double().unsqueeze(1)).sum(-1)  # d out / d weights, exactly
+errors["bf16 table fp32 weights"] = [str(out.dtype), str(gw.dtype),
+                                     float(((gw.double() - exact_gw).abs() / exact_gw.abs().clamp(min=1e-3)).max())]
 print(json.dumps(errors))
 """
 
@@ -112,6 +120,14 @@ def test_triton_matches_reference_under_interpreter(interpreted_errors, case, in
 def test_triton_without_weights_grad_under_interpreter(interpreted_errors, case):
     out_err, table_err, no_weights_grad = interpreted_errors[f"{case} table only"]
     assert out_err < 1e-5 and table_err < 1e-5 and no_weights_grad == 0.0
+
+
+def test_triton_keeps_fp32_weights_with_a_bf16_table(interpreted_errors):
+    """The bag rounded fp32 softmax weights to the table's bf16 and returned their gradient in
+    bf16 (~4e-3 relative error). Now the gradient is fp32, accumulated in fp32."""
+    out_dtype, grad_dtype, rel_err = interpreted_errors["bf16 table fp32 weights"]
+    assert out_dtype == "torch.bfloat16" and grad_dtype == "torch.float32"
+    assert rel_err < 1e-5, rel_err
 
 
 def test_triton_table_grad_sums_duplicate_rows(interpreted_errors):
@@ -141,13 +157,14 @@ def test_triton_kernels_compile_for_a_hopper_gpu(dtype, tmp_path, monkeypatch):
         pytest.skip("TRITON_INTERPRET is set in this process")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     ptr = f"*{dtype}"
+    wptr = "*fp32"  # the softmax weights and their gradient stay fp32 with a bf16 table too
     specs = {
-        "forward": ({"table": ptr, "rows": "*i64", "weights": ptr, "out": ptr, "K": "i32", "D": "i32",
+        "forward": ({"table": ptr, "rows": "*i64", "weights": wptr, "out": ptr, "K": "i32", "D": "i32",
                      "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}, {"BLOCK_K": BLOCK_K, "BLOCK_D": 256}),
-        "table_grad": ({"grad_out": ptr, "weights": ptr, "pairs": "*i64", "touched": "*i64", "starts": "*i64",
+        "table_grad": ({"grad_out": ptr, "weights": wptr, "pairs": "*i64", "touched": "*i64", "starts": "*i64",
                         "counts": "*i64", "grad_table": ptr, "K": "i32", "D": "i32", "BLOCK_P": "constexpr",
                         "BLOCK_D": "constexpr"}, {"BLOCK_P": BLOCK_P, "BLOCK_D": 128}),
-        "score_grad": ({"table": ptr, "rows": "*i32", "grad_out": ptr, "grad_w": ptr, "K": "i32", "D": "i32",
+        "score_grad": ({"table": ptr, "rows": "*i32", "grad_out": ptr, "grad_w": wptr, "K": "i32", "D": "i32",
                         "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}, {"BLOCK_K": BLOCK_K, "BLOCK_D": 128}),
     }
     for name, (signature, constexprs) in specs.items():

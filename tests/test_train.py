@@ -151,12 +151,38 @@ def test_nan_gradient_at_a_finite_loss_is_not_applied():
     hook = model.norm.weight.register_hook(lambda g: g * float("nan"))
     result = train_step(model, optimizer, scheduler, [(x, x)], clip=1.0)
     hook.remove()
-    assert torch.isfinite(torch.tensor(result.loss)) and not torch.isfinite(result.grad_norm)
-    assert not result.applied
+    assert torch.isfinite(result.loss) and not torch.isfinite(result.grad_norm)
+    assert not result.finite
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert torch.equal(optimizer.state[model.norm.weight]["exp_avg"], exp_avg)
-    assert scheduler.last_epoch == 1
+    assert int(optimizer.state[model.norm.weight]["step"]) == 1  # the skipped step is not counted
+    # The skip is decided on the device; the next good step applies as usual.
+    assert bool(train_step(model, optimizer, scheduler, [(x, x)], clip=1.0).finite)
+    assert not torch.equal(model.norm.weight, before["norm.weight"])
+
+
+def test_a_step_reads_nothing_back_from_the_device():
+    """Each read of a device value (or a data-dependent shape) makes the host wait for the GPU,
+    which then idles: a step reads none, on one process and, with grad accumulation and
+    clipping, through the loop's own step function (syncs are counted on CPU by op)."""
+    from apps.main.train import setup_model, train_step
+    from lingua.distributed import parallel_dims
+    from lingua.optim import build_optimizer
+    from tests.device_checks import HostSyncs
+
+    args = load_config(TrainArgs, ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+                                   "model.vocab_size=64", "dump_dir=/unused", "model.mhc.enabled=true"])
+    model = setup_model(args, None, parallel_dims(args.distributed, 1), torch.device("cpu"))
+    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g))
+               for _ in range(2)]
+    train_step(model, optimizer, scheduler, batches, clip=0.5)  # optimizer state is created
+    with HostSyncs() as syncs:
+        for _ in range(2):
+            train_step(model, optimizer, scheduler, batches, clip=0.5)
+    assert syncs.calls == [], syncs.calls
 
 
 def test_setup_model_keeps_weight_tying():
@@ -345,3 +371,57 @@ def test_training_with_a_spawned_loader(corpus, tmp_path):
     args = _args(corpus, tmp_path / "spawn", steps=3, **{"data.load_async": "true",
                                                          "distributed.spawn_method": "spawn"})
     assert train(args).step == 3
+
+
+def test_batches_are_pinned_before_an_asynchronous_copy(monkeypatch):
+    """non_blocking from pageable memory is a synchronous copy; pinned, it is not. The meta
+    device stands in for a GPU (no CUDA here); CPU runs take the tensor as it is."""
+    from apps.main.train import host_to_device
+
+    pinned = []
+
+    def pin_memory(self):
+        pinned.append(self.shape)
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    t = torch.arange(6).view(2, 3)
+    assert host_to_device(t, torch.device("cpu")) is t and pinned == []
+    assert host_to_device(t, torch.device("meta")).is_meta and pinned == [torch.Size([2, 3])]
+
+
+def test_gpu_memory_stats_reach_the_metrics(monkeypatch):
+    from apps.main.train import device_memory_stats
+
+    reset = []
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {
+        "allocated_bytes.all.peak": 3 * 2**30, "reserved_bytes.all.peak": 4 * 2**30, "num_alloc_retries": 2,
+        "num_ooms": 0})
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: reset.append(device))
+    stats = device_memory_stats(torch.device("cuda", 0))
+    assert stats == {"max_allocated_gib": 3.0, "max_reserved_gib": 4.0, "alloc_retries": 2, "ooms": 0}
+    assert reset == [torch.device("cuda", 0)]  # the next window's peak is its own
+    assert device_memory_stats(torch.device("cpu")) == {}
+
+
+def test_compiled_training_with_validation_compiles_each_block_once(corpus, tmp_path):
+    """The blocks share one code object and its recompile limit (8). Block 0 used to get a
+    stride-0 view of the mHC streams (a second graph), and in-loop validation, with its no-grad
+    mode and other batch shapes, more; past the limit every block ran eager. Now: one graph."""
+    script = (
+        "import sys, torch._dynamo.utils as du\n"
+        "from apps.main.train import TrainArgs, train\n"
+        "from lingua.args import load_config\n"
+        "train(load_config(TrainArgs, sys.argv[1:]))\n"
+        "print('unique_graphs', du.counters['stats']['unique_graphs'])\n"
+    )
+    argv = tiny_overrides(corpus, tmp_path / "c", steps=4, **{
+        "data.load_async": "false", "checkpoint.eval.every": 2, "eval.validation.max_steps": 1000,
+        "distributed.compile": "true", "model.mhc.enabled": "true"})
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_LOGS="recompiles")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unique_graphs 1" in proc.stdout, proc.stdout[-500:]
+    assert "Recompiling function" not in proc.stderr, proc.stderr[-3000:]
+    assert len(read_losses(tmp_path / "c")) == 4

@@ -223,3 +223,69 @@ dist.destroy_process_group()
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["torch.bfloat16", "torch.float32"], proc.stdout
+
+
+def test_selective_checkpointing_keeps_every_attention_kernel():
+    """SAC recomputed flex, cuDNN and xformers attention in backward: only sdpa's flash and
+    efficient kernels were in its saved set."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from lingua.transformer import selective_checkpoint_context
+
+    class Ctx:
+        is_recompute = False
+
+    forward_ctx, _ = selective_checkpoint_context()
+    policy = forward_ctx.policy_fn
+    ops = [torch.ops.aten._scaled_dot_product_flash_attention.default,
+           torch.ops.aten._scaled_dot_product_efficient_attention.default,
+           torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+           torch.ops.higher_order.flex_attention]
+
+    class XformersOp:  # how an xformers kernel shows itself to the policy (its library is not installed here)
+        namespace, __name__ = "xformers_flash3", "flash_fwd"
+
+    for op in ops + [XformersOp()]:
+        assert policy(Ctx(), op) == CheckpointPolicy.MUST_SAVE, op
+    assert policy(Ctx(), torch.ops.aten.add.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_eager_flex_is_compiled_once_and_builds_one_mask_per_shape(monkeypatch):
+    """attn_impl=flex without distributed.compile ran flex_attention eagerly (scores
+    materialised) and built its block mask in every layer at every step."""
+    import lingua.transformer as transformer
+
+    built, compiled_calls = [], []
+    real_mask, real_compiled = transformer.flex_block_mask, transformer.compiled_flex_attention()
+    monkeypatch.setattr(transformer, "flex_block_mask", lambda *a: built.append(a[:3]) or real_mask(*a))
+
+    def counting_compiled():
+        def run(*args, **kwargs):
+            compiled_calls.append(args[0].shape)
+            return real_compiled(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(transformer, "compiled_flex_attention", counting_compiled)
+    torch.manual_seed(0)
+    m_flex = build_model(tiny(n_kv_heads=2, attn_impl="flex", n_layers=3))
+    m_sdpa = build_model(tiny(n_kv_heads=2, attn_impl="sdpa", n_layers=3))
+    m_sdpa.load_state_dict(m_flex.state_dict())
+    x = torch.randint(0, 258, (2, 40))
+    with torch.no_grad():
+        for _ in range(2):  # two "steps"
+            torch.testing.assert_close(m_flex(x), m_sdpa(x), atol=1e-4, rtol=1e-4)
+    assert built == [(40, 40, None)]  # one mask for 3 layers x 2 forwards
+    assert len(compiled_calls) == 6  # every layer ran the compiled kernel
+
+
+def test_flex_kv_cache_decoding_equals_full_forward():
+    """Decoding changes the key length every token: the compiled flex kernel goes dynamic after
+    one recompile instead of compiling a graph per length."""
+    torch.manual_seed(0)
+    flex = build_model(tiny(n_kv_heads=2, attn_impl="flex")).eval()
+    sdpa = build_model(tiny(n_kv_heads=2)).eval()
+    sdpa.load_state_dict(flex.state_dict())
+    x = torch.randint(0, 258, (1, 30))
+    with torch.no_grad():
+        full = sdpa(x)
+    torch.testing.assert_close(decode_step_by_step(flex, x, prefix=12, cache_len=64), full, atol=1e-4, rtol=1e-4)

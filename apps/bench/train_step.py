@@ -10,7 +10,6 @@ against the plain eager reference; eager/eager and compiled/compiled ratios sit 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import logging
@@ -27,9 +26,11 @@ from torch import nn
 
 from apps.bench.common import machine_info, stderr_logging
 from apps.main.transformer import LMTransformer, LMTransformerArgs, build_model
-from lingua.distributed import compile_blocks
+from apps.main.train import train_step
+from lingua.distributed import DistributedArgs, autocast_context, compile_blocks, training_dtype
 from lingua.metrics import peak_flops
 from lingua.optim import OptimArgs, build_optimizer
+from lingua.profiling import DevicelessFactories, HostSyncs
 
 logger = logging.getLogger(__name__)
 
@@ -186,10 +187,9 @@ class Runner:
 
 
 def _autocast(device: torch.device):
-    # bf16 on GPU like training; CPU stays fp32, where the peak is an fp32 matmul rate.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The precision the training loop gives a one-process step (distributed.model_dtype, bf16
+    by default, under autocast on a GPU; fp32 on CPU, where the peak is an fp32 matmul rate)."""
+    return autocast_context(DistributedArgs(), device, fsdp=False)()
 
 
 def make_ours(
@@ -200,16 +200,10 @@ def make_ours(
     if compile:  # exactly what apps.main.train does for distributed.compile=true
         compile_blocks(model)
     optimizer, scheduler = build_optimizer(model, OPTIM, n_steps=1_000_000)
+    precision = autocast_context(DistributedArgs(), device, fsdp=False)
 
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(device):
-            loss = model(x, target=y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.clip)
-        optimizer.step()
-        scheduler.step()
-        return loss
+    def step() -> torch.Tensor:  # the training loop's own step, in its precision
+        return train_step(model, optimizer, scheduler, [(x, y)], OPTIM.clip, precision=precision).loss
 
     return model, Runner("ours_compiled" if compile else "ours", step, _sync_fn(device))
 
@@ -244,9 +238,22 @@ def _sync_fn(device: torch.device) -> Callable[[], None]:
 
 
 def measure_peak(device: torch.device) -> tuple[float, str]:
-    """(FLOP/s, source): the training loop's own peak (GPU table, or measured fp32 matmul rate
-    on CPU); the bench measures it at start and end and takes the max."""
-    return peak_flops(device)
+    """(FLOP/s, source): the training loop's own peak (GPU table, or measured matmul rate in the
+    training dtype); the bench measures it at start and end and takes the max."""
+    return peak_flops(device, training_dtype(DistributedArgs(), device))
+
+
+def syncs_per_step(make: Callable[[], Runner]) -> list[tuple[str, str]]:
+    """The ops of a step that make the host wait for a GPU, counted by op on any device: a new
+    runner's second step, built under DevicelessFactories so that reads of tensors that live on
+    the host in a GPU run too (AdamW's non-fused step counters) are not counted."""
+    with DevicelessFactories() as made:
+        runner = make()
+        runner.step()  # optimizer state is created
+        with HostSyncs(made) as syncs:
+            runner.step()
+    runner.sync()
+    return syncs.calls
 
 
 
@@ -311,6 +318,10 @@ def run_bench(shape: Optional[BenchShape] = None, steps: int = 10, warmup: int =
         else:
             gc.disable()
 
+    # Counted on eager steps: a dispatch mode would make dynamo re-trace the compiled ones,
+    # which run the same Python around their graphs.
+    syncs = {"ours": syncs_per_step(lambda: make_ours(shape, x, y, device)[1]),
+             "reference": syncs_per_step(lambda: make_reference(shape, x, y, device)[1])}
     peak_end, _ = measure_peak(device)
     logger.info("peak at end: %.1f GFLOP/s", peak_end / 1e9)
     peak = max(peak_start, peak_end)
@@ -335,6 +346,10 @@ def run_bench(shape: Optional[BenchShape] = None, steps: int = 10, warmup: int =
         "reference_tokens_per_s": tps["reference"],
         "speedup_vs_reference": speedup,
         **ratios,
+        # Host syncs per step (reads of device values, data-dependent shapes): each drains a GPU.
+        "syncs_per_step": len(syncs["ours"]),
+        "syncs_per_step_by_variant": {k: len(v) for k, v in syncs.items()},
+        "sync_sites": sorted({f"{op} at {site}" for calls in syncs.values() for op, site in calls}),
         "mfu": mfu,
         "reference_mfu": mfu_of["reference"],
         "mfu_by_variant": mfu_of,
@@ -361,9 +376,11 @@ def run_bench(shape: Optional[BenchShape] = None, steps: int = 10, warmup: int =
             "warmup": warmup,
             "repeats": repeats,
             "compile": compile,
-            "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+            "dtype": str(training_dtype(DistributedArgs(), device)).removeprefix("torch.")
+                     + (" autocast" if device.type == "cuda" else ""),
             "optimizer": {"lr": OPTIM.lr, "betas": [OPTIM.beta1, OPTIM.beta2], "eps": OPTIM.epsilon,
-                          "weight_decay": OPTIM.weight_decay, "clip": OPTIM.clip, "fused": False},
+                          "weight_decay": OPTIM.weight_decay, "clip": OPTIM.clip,
+                          "fused": {"ours": True, "reference": False}},
             "timing": "median over repeats of per-step time of `steps` back-to-back steps; order alternates",
         },
         "threads": torch.get_num_threads(),

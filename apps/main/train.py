@@ -144,8 +144,28 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
 
 
 def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = batch
-    return torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
+    return tuple(host_to_device(torch.from_numpy(a), device) for a in batch)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy that does not block the host: from pageable memory a non_blocking copy is
+    synchronous (the driver stages it), so the batch is pinned first."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def device_memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak allocated memory since the last call and allocator retries (each a cudaFree of the
+    cache: a sign that the run barely fits), for metrics.jsonl; nothing off GPUs."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    out = {"max_allocated_gib": stats.get("allocated_bytes.all.peak", 0) / 2**30,
+           "max_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
+           "alloc_retries": stats.get("num_alloc_retries", 0), "ooms": stats.get("num_ooms", 0)}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
 
 
 def setup_model(
@@ -167,10 +187,13 @@ def setup_model(
 
 @dataclass
 class StepResult:
-    loss: float  # mean over every trained token of the step, on all ranks
-    tokens_trained: int  # labels that were not IGNORE_INDEX, summed over data-parallel ranks
+    """Device tensors, read by the loop on logging steps only: a read makes the host wait for
+    the GPU, and a wait per step would drain its queue of kernels."""
+
+    loss: torch.Tensor  # mean over every trained token of the step, on all ranks
+    tokens_trained: torch.Tensor  # labels that were not IGNORE_INDEX, summed over data-parallel ranks
     grad_norm: torch.Tensor
-    applied: bool = True  # False: loss or gradient norm was not finite, the update was skipped
+    finite: torch.Tensor  # False: loss or gradient norm was not finite and the update was skipped
 
 
 def sum_over_data_ranks(value: torch.Tensor, mesh) -> torch.Tensor:
@@ -185,7 +208,8 @@ def sum_over_data_ranks(value: torch.Tensor, mesh) -> torch.Tensor:
 
 def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=None,
                precision: Callable[[], Any] = nullcontext) -> StepResult:
-    """One optimizer step over grad-accumulation micro-batches.
+    """One optimizer step over grad-accumulation micro-batches, without a single read of a
+    device value on the host.
 
     The loss is normalised by the number of trained labels in the whole step (all micro-batches
     and data-parallel ranks), so a token weighs the same wherever packing put it, and masked
@@ -193,14 +217,15 @@ def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=Non
     ranks, hence the dp_size factor in each rank's scale. `precision` makes the context of each
     forward (autocast where FSDP does not cast: lingua.distributed.autocast_context).
 
-    A non-finite loss or gradient norm (all ranks see the same global values) leaves the
-    parameters, the optimizer and the schedule as they were: the update is checked before it
-    is applied, so no NaN ever reaches the weights or a checkpoint."""
+    A non-finite loss or gradient norm (all ranks see the same global values) skips the update
+    on the device: the fused AdamW takes `found_inf` as GradScaler hands it, and leaves
+    parameters, moments and step counts as they were. The schedule still advances; the loop
+    stops at its next check (StepLedger), so no NaN ever reaches the weights or a checkpoint."""
     optimizer.zero_grad(set_to_none=True)
     device = micro_batches[0][0].device
     n_local = torch.stack([(y != IGNORE_INDEX).sum() for _, y in micro_batches]).sum().to(torch.float64)
     n_global = sum_over_data_ranks(n_local, mesh)
-    scale = dp_rank_and_size(mesh)[1] / max(float(n_global), 1.0)
+    scale = dp_rank_and_size(mesh)[1] / n_global.clamp(min=1.0)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     # FSDP reduce-scatters gradients after each backward: only the last micro-batch's needs to.
     sync_grads = getattr(model, "set_requires_gradient_sync", None)
@@ -209,16 +234,44 @@ def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=Non
             sync_grads(i == len(micro_batches) - 1)
         with precision():
             loss = model(x, target=y, reduction="sum")
-        (loss * scale).backward()
+        (loss * scale.to(loss.dtype)).backward()
         loss_sum += loss.detach()
     grad_norm = clip_grad_norm_(model.parameters(), clip)
-    mean_loss = float(sum_over_data_ranks(loss_sum, mesh)) / max(float(n_global), 1.0)
-    if not (math.isfinite(mean_loss) and bool(torch.isfinite(grad_norm))):
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(mean_loss, int(n_global), grad_norm, applied=False)
+    mean_loss = sum_over_data_ranks(loss_sum, mesh) / n_global.clamp(min=1.0)
+    finite = torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
+    optimizer.found_inf = (~finite).float()
     optimizer.step()
     scheduler.step()
-    return StepResult(mean_loss, int(n_global), grad_norm)
+    return StepResult(mean_loss, n_global, grad_norm, finite)
+
+
+class StepLedger:
+    """What the loop learns from each step's device tensors, kept on the device between reads:
+    the labels trained on, and the first step whose update was skipped as non-finite.
+    `settle` reads them (one wait for the GPU), at logging steps and before every save."""
+
+    def __init__(self, device: torch.device):
+        self.tokens_trained = torch.zeros((), device=device, dtype=torch.float64)
+        self.bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        self.bad_loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.bad_grad_norm = torch.zeros((), device=device, dtype=torch.float64)
+
+    def record(self, step: int, result: StepResult) -> None:
+        self.tokens_trained += result.tokens_trained
+        first = ~result.finite & (self.bad_step < 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, result.loss.double(), self.bad_loss)
+        self.bad_grad_norm = torch.where(first, result.grad_norm.double(), self.bad_grad_norm)
+
+    def settle(self, state: "TrainState", last_good: Optional[Path]) -> None:
+        """Fold the trained-label count into `state`; raise NonFiniteLoss if a step was skipped."""
+        bad_step = int(self.bad_step)
+        if bad_step >= 0:
+            raise NonFiniteLoss(
+                f"loss is {float(self.bad_loss)}, gradient norm {float(self.bad_grad_norm)} at step {bad_step}: "
+                f"the update was not applied; stopping. Last good checkpoint: {last_good or 'none'}")
+        state.tokens_trained += int(self.tokens_trained)
+        self.tokens_trained.zero_()
 
 
 def memory_usage_stats(model) -> dict[str, dict[str, float]]:
@@ -325,6 +378,7 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
         stack.callback(preemption.close)
         tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * dp_size
         window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
+        ledger = StepLedger(device)
         model.train()
         while state.step < args.steps:
             step_start = time.perf_counter()
@@ -332,48 +386,47 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
             micro_batches = [_to_device(next(loader), device) for _ in range(args.grad_acc_steps)]
             data_time += time.perf_counter() - t0
             result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh, precision)
-            loss_value, grad_norm = result.loss, result.grad_norm
-            if not result.applied:
-                raise NonFiniteLoss(
-                    f"loss is {loss_value}, gradient norm {float(grad_norm)} at step {state.step + 1}: the update "
-                    f"was not applied; stopping. Last good checkpoint: {ckpt.latest() or 'none'}"
-                )
             state.step += 1
+            ledger.record(state.step, result)
             state.tokens_seen += tokens_per_step
-            state.tokens_trained += result.tokens_trained
             window_tokens += tokens_per_step
             profiler.step()
             if state.step % args.gc_collect_freq == 0:
                 gc.collect()
 
             if state.step % args.logging.freq == 0 or state.step in (1, args.steps):
+                ledger.settle(state, ckpt.latest())  # waits for the step: the window's time is real
+                loss_value, grad_norm = float(result.loss), float(result.grad_norm)
                 now = time.perf_counter()
                 wps = window_tokens / (now - window_start)
                 mfu = wps * flops_per_token / (peak * world.world_size)
                 memory_stats = memory_usage_stats(model)
                 mhc_stats = hyper_connection_stats(model)
+                gpu_memory = device_memory_stats(device)
                 if metrics is not None:
                     metrics.log({
                         "global_step": state.step,
                         "loss/out": loss_value,
-                        "optim": {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "optim": {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                   "total_tokens": state.tokens_seen},
                         "data": {"tokens_read": state.tokens_seen, "tokens_trained": state.tokens_trained,
-                                 "step_tokens_trained": result.tokens_trained},
+                                 "step_tokens_trained": int(result.tokens_trained)},
                         **({"memory": memory_stats} if memory_stats else {}),
                         **({"mhc": mhc_stats} if mhc_stats else {}),
+                        **({"gpu_memory": gpu_memory} if gpu_memory else {}),
                         "speed": {"wps": wps, "FLOPS": wps * flops_per_token, "MFU": mfu,
                                   "curr_iter_time": now - step_start, "data_load_time": data_time},
                     })
                 logger.info("step %d  loss %.4f  lr %.2e  gnorm %.3f  %.0f tok/s  MFU %.2f  data %.3fs  "
                             "tokens trained/read %d/%d", state.step, loss_value, scheduler.get_last_lr()[0],
-                            float(grad_norm), wps, mfu, data_time, state.tokens_trained, state.tokens_seen)
+                            grad_norm, wps, mfu, data_time, state.tokens_trained, state.tokens_seen)
                 window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
 
             preempted = preemption.agreed()
             dump_due = state.step % args.checkpoint.dump.every == 0 or state.step == args.steps or preempted
             eval_due = eval_args is not None and state.step % args.checkpoint.eval.every == 0 and not preempted
             if dump_due or eval_due:
+                ledger.settle(state, ckpt.latest())  # never save after a skipped (non-finite) step
                 state.data_loader = loader.state_dict()
                 state.scheduler = scheduler.state_dict()
                 train_state = {**state.to_json(), "dp_size": dp_size}
@@ -388,7 +441,10 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
                     logger.info("submitted eval job %s for step %d (logs in %s)", job, state.step,
                                 dump_dir / "evals" / f"{state.step:010d}" / "logs")
             elif eval_due:
-                with precision():  # scored in the precision it trains in
+                # In the precision it trains in, and eagerly: its other grad mode and batch shapes
+                # would each compile more graphs of the blocks, up to the recompile limit, past
+                # which training itself runs eager.
+                with precision(), torch.compiler.set_stance("force_eager"):
                     results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank,
                                              dp_size, replicas_per_shard=dims.tp)
                 if world.rank == 0:

@@ -33,12 +33,14 @@ BLOCK_P = 16  # (bag, slot) pairs of one row accumulated together in the table g
 def weighted_bag(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """sum_j weights[n, j] * table[rows[n, j]] for each n: rows, weights [N, K] -> [N, table.shape[1]].
 
-    Weights are cast to table.dtype (the result has the table's dtype); gradients reach the table
-    and the weights. `impl`: "auto" (CUDA + triton -> Triton; CPU -> the CPU path; else the
-    reference), or force "triton" (CPU tensors need TRITON_INTERPRET=1), "cpu" or "reference".
+    The result has the table's dtype; gradients reach the table and the weights. The Triton
+    kernels read fp32 (softmax) weights as they are, accumulate in fp32 and give their gradient
+    in their dtype: rounding them to a bf16 table's dtype would cost the scores ~3 digits. ATen's
+    bag (the CPU and reference paths) needs weights of the table's dtype, so they are cast there.
+    `impl`: "auto" (CUDA + triton -> Triton; CPU -> the CPU path; else the reference), or force
+    "triton" (CPU tensors need TRITON_INTERPRET=1), "cpu" or "reference".
     """
     _check_shapes(table, rows, weights)
-    weights = weights.to(table.dtype)
     if impl == "auto":
         if table.is_cuda and _HAS_TRITON:
             impl = "triton"
@@ -49,9 +51,9 @@ def weighted_bag(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
     if impl == "triton":
         return triton_weighted_bag(table, rows, weights)
     if impl == "cpu":
-        return cpu_weighted_bag(table, rows, weights)
+        return cpu_weighted_bag(table, rows, weights.to(table.dtype))
     if impl == "reference":
-        return reference_weighted_bag(table, rows, weights)
+        return reference_weighted_bag(table, rows, weights.to(table.dtype))
     raise ValueError(f"weighted_bag: impl={impl!r}, expected one of {IMPLS}")
 
 

@@ -284,10 +284,8 @@ def test_tiny_memory_shuffle_is_a_full_permutation_within_budget(mod, capsys, tm
     assert marker["nbuckets"] > 1 and marker["memory_gb"] == 0.0003
 
 
-def test_bucket_too_big_for_memory_is_split_on_disk(mod, capsys, tmp_path: Path, monkeypatch) -> None:
-    """A wrong size estimate (here: one bucket for everything) still shuffles within MEMORY."""
-    docs = write_jsonl_files(tmp_path / "src", nfiles=2, docs_per_file=1000)  # ~2 MB
-    monkeypatch.setattr(mod, "choose_nbuckets", lambda est, budget: 1)
+def record_shuffle_tags(mod, monkeypatch) -> list:
+    """The tags of the buckets that pass 2 shuffles, in order (recorded around the real shuffle)."""
     tags = []
     real_shuffle = mod.shuffle_bucket
 
@@ -296,6 +294,14 @@ def test_bucket_too_big_for_memory_is_split_on_disk(mod, capsys, tmp_path: Path,
         return real_shuffle(path, n_lines, nbytes, tag, *a, **kw)
 
     monkeypatch.setattr(mod, "shuffle_bucket", recording)
+    return tags
+
+
+def test_bucket_too_big_for_memory_is_split_on_disk(mod, capsys, tmp_path: Path, monkeypatch) -> None:
+    """A wrong size estimate (here: one bucket for everything) still shuffles within MEMORY."""
+    docs = write_jsonl_files(tmp_path / "src", nfiles=2, docs_per_file=1000)  # ~2 MB
+    monkeypatch.setattr(mod, "choose_nbuckets", lambda est, budget: 1)
+    tags = record_shuffle_tags(mod, monkeypatch)
     rc, peak = traced_peak(mod, capsys, tmp_path, "corpus", "0.0003", "--src_dir", tmp_path / "src",
                            "--data_dir", tmp_path / "d", "--nchunks", "3")
     assert rc == 0
@@ -764,14 +770,7 @@ def test_shuffle_is_uniform_and_seeded(mod, capsys, tmp_path: Path, monkeypatch,
         (src / f"part-{f}.jsonl").write_text("".join(
             json.dumps({"text": f"document {n} ".ljust(doc_bytes - 20, "x"), "n": n}) + "\n"
             for n in range(f * per_file, (f + 1) * per_file)))
-    tags = []
-    real_shuffle = mod.shuffle_bucket
-
-    def recording(path, n_lines, nbytes, tag, *a, **kw):
-        tags.append(tag)
-        return real_shuffle(path, n_lines, nbytes, tag, *a, **kw)
-
-    monkeypatch.setattr(mod, "shuffle_bucket", recording)
+    tags = record_shuffle_tags(mod, monkeypatch)
 
     def prep(seed: int, data: Path) -> tuple[dict[int, int], dict[int, tuple[int, int]], dict]:
         rc, _, err = run(mod, capsys, "corpus", memory, "--src_dir", src, "--data_dir", data, "--seed", seed,

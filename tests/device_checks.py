@@ -3,15 +3,16 @@
 NCCL serves only CUDA tensors, so a collective on a tensor the code made without a device (on
 the CPU) crashes a GPU run at once, while gloo on a CPU machine takes it without complaint.
 `CollectiveLog` records every collective's tensors as they enter the backend (device, dtype)
-and whether they were made by a factory call that named no device (`DevicelessFactories`
-marks those, and what is computed from them alone): on a GPU those would be CPU tensors.
+and whether they were made by a factory call that named no device (lingua.profiling's
+`DevicelessFactories` marks those, and what is computed from them alone): on a GPU those would
+be CPU tensors.
 
     with DevicelessFactories() as made, CollectiveLog(made) as log:
         train(args)
     assert not log.deviceless(), log.deviceless()
 
-`HostSyncs` counts the ops that make the host wait for a GPU (a scalar read back, or an output
-whose size depends on the data): each drains the GPU's queue of kernels.
+lingua.profiling's `HostSyncs` counts the ops that make the host wait for a GPU (a scalar read
+back, or an output whose size depends on the data): each drains the GPU's queue of kernels.
 
 `LiveStorages` counts the bytes a forward leaves alive for backward, exactly, per storage.
 """
@@ -25,7 +26,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lingua.profiling import DevicelessFactories, HostSyncs  # noqa: F401  (re-exported for the tests)
+from lingua.profiling import DevicelessFactories
 
 @dataclass
 class Collective:

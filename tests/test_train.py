@@ -169,7 +169,7 @@ def test_a_step_reads_nothing_back_from_the_device():
     from apps.main.train import setup_model, train_step
     from lingua.distributed import parallel_dims
     from lingua.optim import build_optimizer
-    from tests.device_checks import HostSyncs
+    from lingua.profiling import HostSyncs
 
     args = load_config(TrainArgs, ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
                                    "model.vocab_size=64", "dump_dir=/unused", "model.mhc.enabled=true"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import sys
 import time
 from contextlib import ExitStack, nullcontext

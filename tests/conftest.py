@@ -86,3 +86,20 @@ def decode_step_by_step(model, x, prefix: int, cache_len: int):
         for t in range(prefix, x.shape[1]):
             parts.append(model(x[:, t : t + 1], kv_caches=caches, start=t))
     return torch.cat(parts, dim=1)
+
+
+def failure_report(proc: subprocess.CompletedProcess, limit: int = 3000) -> str:
+    """What a failed (multi-process) run printed that explains it: the first error of each rank
+    and any C++ terminate message, then the tail. A plain tail of a torchrun run shows only
+    the rank that failed last (typically a peer's "Connection closed"), not the root cause."""
+    lines = proc.stderr.splitlines()
+    firsts, seen = [], set()
+    for i, line in enumerate(lines):
+        rank = line.split("]:", 1)[0] + "]" if line.startswith("[rank") else None
+        if rank and "Traceback" in line and rank not in seen:
+            seen.add(rank)
+            block = [l for l in lines[i:] if l.startswith(rank)][:60]
+            firsts.append("\n".join(block)[-limit:])
+        elif "terminate called" in line or "Fatal Python error" in line:
+            firsts.append("\n".join(lines[max(0, i - 5) : i + 15]))
+    return "\n...\n".join([*firsts, (proc.stdout + proc.stderr)[-limit:]])

@@ -81,3 +81,21 @@ class LiveStorages(TorchDispatchMode):
 
     def bytes(self) -> int:
         return sum(n for ref, n in self.storages.values() if not ref.expired())
+
+
+class InFlightCollectives(TorchDispatchMode):
+    """The most functional collectives ever in flight at once (`peak`), read from c10d's
+    registry of unwaited works as each collective is issued (eager funcol waits inside c10d,
+    where a dispatch mode does not see it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = 0
+        self.issued = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "_c10d_functional" and "wait" not in func.__name__ and "wrap" not in func.__name__:
+            self.issued += 1
+            self.peak = max(self.peak, torch._C._distributed_c10d._get_work_registry_size())
+        return out

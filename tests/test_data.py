@@ -14,8 +14,11 @@ import json
 import logging
 import os
 from pathlib import Path
+
 import numpy as np
 import pytest
+
+from tests.conftest import failure_report
 
 from lingua.data import (
     CHUNK_GLOB,
@@ -529,7 +532,7 @@ def test_async_loader_child_survives_a_signal_to_the_process_group(
     # Its own process group, so the signal reaches the script and its children but not pytest.
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                          start_new_session=True)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, failure_report(res)
     assert "batches after the signal: 24" in res.stdout
     assert "died unexpectedly" not in res.stderr  # nor did spawn's resource tracker
 

@@ -28,7 +28,7 @@ from lingua.data import (
 )
 from lingua.optim import OptimArgs, build_optimizer
 from lingua.tokenizer import ByteTokenizer, TokenizerArgs
-from tests.conftest import read_losses, run_module, tiny_overrides
+from tests.conftest import failure_report, read_losses, run_module, tiny_overrides
 
 TOK = ByteTokenizer()
 
@@ -212,7 +212,7 @@ def test_input_output_training_logs_trained_and_read_tokens(tmp_path: Path) -> N
     argv = tiny_overrides(tmp_path / "data", dump, steps=12, **{"data.sources": "{sft: 1.0}",
                                                                  "data.load_async": "false"})
     res = run_module("apps.main.train", argv)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_report(res)
     rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     read, trained = last["data/tokens_read"], last["data/tokens_trained"]

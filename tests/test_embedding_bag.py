@@ -22,7 +22,7 @@ from lingua.product_key.xformer_embeddingbag import (
     triton_weighted_bag,
     weighted_bag,
 )
-from tests.conftest import ROOT
+from tests.conftest import failure_report, ROOT
 
 
 def make_case(n_rows: int, width: int, n_bags: int, k: int, seed: int = 0, dtype=torch.float32):
@@ -105,7 +105,7 @@ def interpreted_errors() -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure_report(proc)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

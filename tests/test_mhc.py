@@ -12,7 +12,7 @@ import torch
 
 from apps.main.transformer import LMTransformerArgs, build_model
 from lingua.mhc import HyperConnection, MHCArgs, amax_gains, amax_stats, composite, sinkhorn_knopp
-from tests.conftest import decode_step_by_step, read_losses, run_module, tiny_overrides
+from tests.conftest import failure_report, decode_step_by_step, read_losses, run_module, tiny_overrides
 
 
 def tiny_args(**mhc) -> LMTransformerArgs:
@@ -158,7 +158,7 @@ MHC = {"model.mhc.enabled": "true", "model.mhc.n_streams": 4}
 def test_tiny_mhc_model_trains_and_logs_amax(corpus: Path, tmp_path: Path):
     dump = tmp_path / "dump"
     res = run_module("apps.main.train", tiny_overrides(corpus, dump, steps=16, **MHC))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_report(res)
     losses = read_losses(dump)
     assert losses[16] < losses[1]
     rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]

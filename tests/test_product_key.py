@@ -19,7 +19,7 @@ from lingua.checkpoint import CheckpointArgs, CheckpointManager
 from lingua.optim import OptimArgs, build_optimizer
 from lingua.product_key.memory import ProductKeyArgs, ProductKeyMemory, product_key_topk
 from lingua.transformer import ParamInit
-from tests.conftest import read_losses, run_module, tiny_overrides
+from tests.conftest import failure_report, read_losses, run_module, tiny_overrides
 
 def pk_args(**kw) -> ProductKeyArgs:
     base = dict(is_enabled=True, layers="1", mem_n_keys=16, mem_heads=2, mem_knn=4, mem_k_dim=16)
@@ -237,7 +237,7 @@ def test_tiny_pk_model_trains_and_logs_memory_statistics(corpus: Path, tmp_path:
           "model.productkey_args.mem_n_keys": 16, "model.productkey_args.mem_heads": 2,
           "model.productkey_args.mem_knn": 4, "model.productkey_args.mem_k_dim": 16}
     res = run_module("apps.main.train", tiny_overrides(corpus, dump, steps=16, **pk))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_report(res)
     losses = read_losses(dump)
     assert losses[16] < losses[1]
     rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, read_losses, run_module, tiny_overrides
+from tests.conftest import failure_report, ROOT, read_losses, run_module, tiny_overrides
 
 
 def _slurm_up() -> bool:
@@ -215,7 +215,7 @@ def test_srun_two_task_eval(corpus, tmp_path):
     out = subprocess.run(["srun", "-n", "2", "-c", "1", sys.executable, "-u", "-m", "apps.main.eval",
                           f"ckpt_dir={dump}", "validation.max_steps=1000"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure_report(out)
     rows = [json.loads(line) for line in open(dump / "metrics.validation.jsonl")]
     from apps.main.eval import main as eval_main
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, read_losses, write_corpus
+from tests.conftest import failure_report, ROOT, read_losses, write_corpus
 from tests.test_slurm import tiny_config
 
 BASH_JOB = ["nodes=1", "ngpu=0", "ncpu=1", "launcher=bash"]
@@ -101,16 +101,16 @@ def test_override_replaces_a_previous_dump_dir_and_dirs_exists_ok_resumes_it(cor
     dump = tmp_path / "run"
     config = small_config(corpus, dump, tmp_path / "c.yaml")
     first = stool([f"config={config}", *BASH_JOB])
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, failure_report(first)
     (dump / "stale.txt").write_text("from the first run")
 
     again = stool([f"config={config}", *BASH_JOB, "override=true"])
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, failure_report(again)
     assert not (dump / "stale.txt").exists()
     assert sorted(read_losses(dump)) == [1, 2] and (dump / "code/lingua/stool.py").is_file()
 
     more = stool([f"config={config}", *BASH_JOB, "dirs_exists_ok=true", "steps=4", "checkpoint.dump.every=4"])
-    assert more.returncode == 0, more.stderr[-3000:]
+    assert more.returncode == 0, failure_report(more)
     assert "resumed from" in more.stdout + more.stderr
     assert sorted(read_losses(dump)) == [1, 2, 3, 4]
 
@@ -127,7 +127,7 @@ def test_relative_config_paths_resolve_against_the_launch_dir(tmp_path):
                       **{"checkpoint.dump.every": 2})
     out = subprocess.run([sys.executable, "-m", "apps.main.train", f"config={pre}"], cwd=launch, env=env,
                          capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure_report(out)
 
     values = yaml.safe_load(tiny_config(launch / "data", launch / "x", tmp_path / "t.yaml", steps=2).read_text())
     values["dump_dir"] = "./dump/run"
@@ -140,7 +140,7 @@ def test_relative_config_paths_resolve_against_the_launch_dir(tmp_path):
     (launch / "configs/run.yaml").write_text(yaml.safe_dump(values))
 
     out = stool(["config=configs/run.yaml", *BASH_JOB], cwd=launch)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.returncode == 0, failure_report(out)
     dump = launch / "dump/run"
     base = yaml.safe_load((dump / "base_config.yaml").read_text())
     assert base["dump_dir"] == str(dump)
@@ -159,7 +159,7 @@ def test_training_overrides_follow_the_stool_keys(corpus, tmp_path):
     dump = tmp_path / "sweep/lr0.01"
     out = stool([f"config={config}", *BASH_JOB, f"dump_dir={dump}", "steps=3", "checkpoint.dump.every=3",
                  "optim.lr=0.01"])
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.returncode == 0, failure_report(out)
     base = yaml.safe_load((dump / "base_config.yaml").read_text())
     assert base["steps"] == 3 and base["optim"]["lr"] == 0.01 and base["dump_dir"] == str(dump)
     assert sorted(read_losses(dump)) == [1, 2, 3] and (dump / "checkpoints/0000000003").is_dir()

@@ -18,7 +18,7 @@ import torch
 from apps.main.train import NonFiniteLoss, TrainArgs, train
 from lingua.args import load_config
 from lingua.checkpoint import CheckpointManager, list_checkpoints
-from tests.conftest import ROOT, read_losses, run_module, tiny_overrides
+from tests.conftest import failure_report, ROOT, read_losses, run_module, tiny_overrides
 
 
 def test_killed_run_resumes_with_identical_losses(corpus, tmp_path):
@@ -28,7 +28,7 @@ def test_killed_run_resumes_with_identical_losses(corpus, tmp_path):
     # 60 fast steps, killed within the first half: margin enough that the kill always lands.
     argv = lambda d: tiny_overrides(corpus, d, steps=60, **{"data.load_async": "true"})  # noqa: E731
     done = run_module("apps.main.train", argv(a))
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, failure_report(done)
 
     kill_after = random.Random().randint(5, 30)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -49,7 +49,7 @@ def test_killed_run_resumes_with_identical_losses(corpus, tmp_path):
     assert list_checkpoints(b / "checkpoints"), "no checkpoint before the kill"
 
     resumed = run_module("apps.main.train", argv(b))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, failure_report(resumed)
     la, lb = read_losses(a), read_losses(b)
     assert sorted(la) == sorted(lb) == list(range(1, 61))
     assert [la[s] for s in la] == [lb[s] for s in la], f"losses differ after resume (killed at step {killed_at})"
@@ -421,7 +421,7 @@ def test_compiled_training_with_validation_compiles_each_block_once(corpus, tmp_
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_LOGS="recompiles")
     proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_report(proc)
     assert "unique_graphs 1" in proc.stdout, proc.stdout[-500:]
     assert "Recompiling function" not in proc.stderr, proc.stderr[-3000:]
     assert len(read_losses(tmp_path / "c")) == 4

@@ -14,7 +14,7 @@ from apps.main.generate import GeneratorArgs, generate, sample_next
 from apps.main.transformer import LMTransformerArgs, build_model
 from lingua.tokenizer import build_tokenizer
 from lingua.transformer import Attention, BaseTransformerArgs, RotaryEmbedding
-from tests.conftest import ROOT, decode_step_by_step
+from tests.conftest import failure_report, ROOT, decode_step_by_step
 
 
 def tiny(**kw) -> LMTransformerArgs:
@@ -221,7 +221,7 @@ dist.destroy_process_group()
     env = dict(__import__("os").environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "init")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, failure_report(proc)
     assert proc.stdout.split() == ["torch.bfloat16", "torch.float32"], proc.stdout
 
 

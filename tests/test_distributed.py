@@ -160,6 +160,17 @@ sum(((weighted_bag(ref_table, r, x) * g).sum() for r, x, g in zip(rows, ref_w, g
 torch.testing.assert_close(out, weighted_bag(full, rows[rank], weights[rank]), atol=1e-6, rtol=0)
 torch.testing.assert_close(w.grad, ref_w[rank].grad, atol=1e-6, rtol=0)
 torch.testing.assert_close(table.weight.grad.to_local(), (ref_table.grad / mp).chunk(mp, dim=1)[rank], atol=1e-6, rtol=0)
+# Training batches: the same N on every rank, so no size exchange and nothing read back to the host.
+from lingua.profiling import HostSyncs
+w = weights[0].clone().requires_grad_()
+with HostSyncs() as syncs:
+    out = colwise_weighted_bag(table.weight, rows[0], w, weighted_bag, same_n_on_every_rank=True)
+    out.backward(grads[0])
+assert syncs.calls == [], syncs.calls
+torch.testing.assert_close(out, weighted_bag(full, rows[0], weights[0]), atol=1e-6, rtol=0)
+with HostSyncs() as syncs:  # the check can fail: validation's exchange reads the sizes
+    colwise_weighted_bag(table.weight, rows[rank], weights[rank], weighted_bag)
+assert [op for op, _ in syncs.calls] == ["aten._local_scalar_dense.default"], syncs.calls
 del table, out, w
 shutdown_distributed()
 """

@@ -95,6 +95,15 @@ out, _, gw = run_bag(lambda t, r, w: xe.weighted_bag(t, r, w, impl="triton"), ta
 exact_gw = (table16.double()[rows] * grad16.double().unsqueeze(1)).sum(-1)  # d out / d weights, exactly
 errors["bf16 table fp32 weights"] = [str(out.dtype), str(gw.dtype),
                                      float(((gw.double() - exact_gw).abs() / exact_gw.abs().clamp(min=1e-3)).max())]
+# Nothing read back to the host by the launch code of the three kernels (called directly: a
+# dispatch mode does not see inside the custom ops; the interpreter's own copies are not ops).
+from lingua.profiling import HostSyncs
+table, rows, weights, grad_out = make_case(*TRITON_CASES[0])
+with HostSyncs() as syncs:
+    xe._launch_bag(table, rows, weights)
+    xe._launch_table_grad(grad_out, table, rows, weights)
+    xe._launch_score_grad(grad_out, table, rows, weights)
+errors["host syncs"] = syncs.calls
 print(json.dumps(errors))
 """
 
@@ -120,6 +129,12 @@ def test_triton_matches_reference_under_interpreter(interpreted_errors, case, in
 def test_triton_without_weights_grad_under_interpreter(interpreted_errors, case):
     out_err, table_err, no_weights_grad = interpreted_errors[f"{case} table only"]
     assert out_err < 1e-5 and table_err < 1e-5 and no_weights_grad == 0.0
+
+
+def test_triton_bag_reads_nothing_back_from_the_device(interpreted_errors):
+    """The table gradient's launch read three values back per memory layer per step (bincount,
+    nonzero, the number of touched rows): each drains a GPU's queue."""
+    assert interpreted_errors["host syncs"] == []
 
 
 def test_triton_keeps_fp32_weights_with_a_bf16_table(interpreted_errors):
@@ -189,8 +204,10 @@ def test_triton_refuses_cpu_tensors_without_interpreter():
 def test_reverse_indices_list_every_lookup_once_including_duplicates():
     rows = torch.tensor([[5, 5, 2, 5], [5, 0, 0, 9]])
     touched, starts, counts, pairs = reverse_indices(rows, 12)
+    assert len(touched) == len(starts) == len(counts) == 8  # min(N * K, rows): sized without a host read
+    assert counts.tolist() == [4, 2, 1, 1, 0, 0, 0, 0]  # empty slots last
+    touched, starts, counts = touched[:4], starts[:4], counts[:4]
     assert touched.tolist() == [5, 0, 2, 9]  # most looked-up first; ties by row
-    assert counts.tolist() == [4, 2, 1, 1]
     assert sorted(pairs.tolist()) == list(range(rows.numel()))
     flat = rows.flatten()
     for row, start, count in zip(touched.tolist(), starts.tolist(), counts.tolist()):
@@ -198,6 +215,18 @@ def test_reverse_indices_list_every_lookup_once_including_duplicates():
         assert (flat[mine] == row).all()
         assert mine.tolist() == sorted(mine.tolist())  # stable: a fixed accumulation order
     assert int(counts.sum()) == rows.numel()
+    # More lookups than rows: one slot per row, every row touched.
+    touched, _, counts, _ = reverse_indices(torch.tensor([[1, 0, 2], [2, 2, 1]]), 3)
+    assert touched.tolist() == [2, 1, 0] and counts.tolist() == [3, 2, 1]
+
+
+def test_reverse_indices_read_nothing_back_from_the_device():
+    from lingua.profiling import HostSyncs
+
+    rows = torch.randint(0, 50, (64, 8))
+    with HostSyncs() as syncs:
+        reverse_indices(rows, 50)
+    assert syncs.calls == [], syncs.calls
 
 
 # ---------------------------------------------------------------------------------------

@@ -164,15 +164,20 @@ def test_nan_gradient_at_a_finite_loss_is_not_applied():
 
 def test_a_step_reads_nothing_back_from_the_device():
     """Each read of a device value (or a data-dependent shape) makes the host wait for the GPU,
-    which then idles: a step reads none, on one process and, with grad accumulation and
-    clipping, through the loop's own step function (syncs are counted on CPU by op)."""
+    which then idles: a step reads none, on one process and, with grad accumulation, clipping,
+    mHC and a product-key memory layer, through the loop's own step function (syncs are
+    counted on CPU by op). The column-parallel bag and the Triton kernels are checked in
+    test_distributed and test_embedding_bag."""
     from apps.main.train import setup_model, train_step
     from lingua.distributed import parallel_dims
     from lingua.optim import build_optimizer
     from lingua.profiling import HostSyncs
 
     args = load_config(TrainArgs, ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-                                   "model.vocab_size=64", "dump_dir=/unused", "model.mhc.enabled=true"])
+                                   "model.vocab_size=64", "dump_dir=/unused", "model.mhc.enabled=true",
+                                   "model.productkey_args.is_enabled=true", "model.productkey_args.layers=1",
+                                   "model.productkey_args.mem_n_keys=8", "model.productkey_args.mem_heads=2",
+                                   "model.productkey_args.mem_knn=4", "model.productkey_args.mem_k_dim=16"])
     model = setup_model(args, None, parallel_dims(args.distributed, 1), torch.device("cpu"))
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
     g = torch.Generator().manual_seed(0)

@@ -51,10 +51,15 @@ def _overlap_unsafe(group) -> bool:
     return dist.get_backend(group) == "gloo"
 
 
-def colwise_weighted_bag(table, rows: torch.Tensor, weights: torch.Tensor, bag: BagFn) -> torch.Tensor:
+def colwise_weighted_bag(table, rows: torch.Tensor, weights: torch.Tensor, bag: BagFn,
+                         same_n_on_every_rank: bool = False) -> torch.Tensor:
     """The weighted bag `bag(table, rows, weights)` -> [N, dim] for a table that is a DTensor
-    sharded by columns over one mesh dimension. rows, weights: [N, K] for this rank's tokens;
-    N may differ between ranks (validation batches), so the group pads to the largest N.
+    sharded by columns over one mesh dimension. rows, weights: [N, K] for this rank's tokens.
+    N may differ between ranks (validation batches), so the group exchanges its sizes and pads
+    to the largest N: reading them back makes the host wait for the GPU, and dynamo cannot
+    trace it. `same_n_on_every_rank` skips the exchange: training batches have one shape on
+    every rank (the loader packs [batch_size, seq_len]). Claimed wrongly, the all-gathers of
+    unequal sizes fail (gloo) or hang (NCCL).
 
     Gradients: the weights' gradient sums the column slices' partial dot products over the
     group (the backward of the all-gather is a reduce-scatter); the table's gradient is scaled
@@ -68,13 +73,14 @@ def colwise_weighted_bag(table, rows: torch.Tensor, weights: torch.Tensor, bag: 
     if local_table.requires_grad:
         local_table.register_hook(lambda grad: grad / mp)
 
-    n, k = rows.shape
-    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(mp)]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=rows.device), group=group)
-    n_max = max(int(s) for s in sizes)
-    # Padded bags read row 0 with weight 0: they add nothing and their outputs are dropped.
-    rows = F.pad(rows, (0, 0, 0, n_max - n))
-    weights = F.pad(weights, (0, 0, 0, n_max - n))
+    n = n_max = rows.shape[0]
+    if not same_n_on_every_rank:
+        sizes = torch.empty(mp, dtype=torch.long, device=rows.device)
+        dist.all_gather_into_tensor(sizes, torch.tensor([n], dtype=torch.long, device=rows.device), group=group)
+        n_max = int(sizes.max())
+        # Padded bags read row 0 with weight 0: they add nothing and their outputs are dropped.
+        rows = F.pad(rows, (0, 0, 0, n_max - n))
+        weights = F.pad(weights, (0, 0, 0, n_max - n))
 
     one_at_a_time = _overlap_unsafe(group)
     all_rows = funcol.all_gather_single(rows, 0, group)  # [mp * n_max, K], integer: no gradient

@@ -134,11 +134,12 @@ def product_key_topk(
     return scores, rows.gather(-1, best)
 
 
-def lookup(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def lookup(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, training: bool = False) -> torch.Tensor:
     """The weighted bag over a whole table, or over a table sharded by columns across the
-    memory-parallel group (a DTensor: see colwise_embeddingbag)."""
+    memory-parallel group (a DTensor: see colwise_embeddingbag). `training`: every rank has
+    the same number of tokens (training batches), so the group need not exchange its sizes."""
     if isinstance(table, DTensor):
-        return colwise_weighted_bag(table, rows, weights, weighted_bag)
+        return colwise_weighted_bag(table, rows, weights, weighted_bag, same_n_on_every_rank=training)
     return weighted_bag(table, rows, weights)
 
 
@@ -199,7 +200,7 @@ class ProductKeyMemory(nn.Module):
             act = F.gelu(torch.einsum("nkd,nd->nk", down, x)) * weights.to(x.dtype)
             out = weighted_bag(table, rows, act)
         else:
-            out = lookup(table, rows, weights).to(x.dtype)
+            out = lookup(table, rows, weights, training=self.training).to(x.dtype)
             if self.swilu_w1 is not None:
                 out = self.swilu_w2(out * F.silu(self.swilu_w1(x)))
             elif self.value_proj is not None:

@@ -153,20 +153,28 @@ def triton_weighted_bag(table: torch.Tensor, rows: torch.Tensor, weights: torch.
 
 
 def reverse_indices(rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The lookups grouped by value row, for the table gradient.
+    """The lookups grouped by value row, for the table gradient, in shapes fixed by rows.shape
+    and n_rows alone: nothing is read back to the host (bincount, nonzero or a length would
+    each make the host wait for the GPU, per memory layer per step).
 
     Returns (touched, starts, counts, pairs): `pairs` lists every flat lookup index n * K + j
     grouped by row (stable, so each row's accumulation order is fixed: deterministic
-    gradients); touched row touched[i] owns pairs[starts[i] : starts[i] + counts[i]]. Touched
-    rows come most-looked-up first, so the longest programs start first and the tail is short.
+    gradients); slot i owns pairs[starts[i] : starts[i] + counts[i]], the lookups of row
+    touched[i]. There are min(N * K, n_rows) slots, as many as rows could be touched: the
+    touched rows come first, most-looked-up first (the longest programs start first and the
+    tail is short; ties by row), then slots with count 0, which the kernel skips.
     """
     flat = rows.reshape(-1)
-    counts = torch.bincount(flat, minlength=n_rows)
     pairs = torch.argsort(flat, stable=True)
-    starts = torch.cumsum(counts, 0) - counts  # CSR offsets into pairs, per row
-    touched = torch.nonzero(counts).squeeze(1)
-    touched = touched[torch.argsort(counts[touched], descending=True, stable=True)]
-    return touched, starts[touched], counts[touched], pairs
+    sorted_rows = flat[pairs]
+    per_row = torch.zeros(n_rows, dtype=torch.int64, device=rows.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int64))
+    # A row's run of lookups starts where the sorted rows change; only the start carries its count.
+    is_start = torch.ones_like(sorted_rows, dtype=torch.bool)
+    is_start[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    run_counts = torch.where(is_start, per_row[sorted_rows], 0)
+    order = torch.argsort(run_counts, descending=True, stable=True)[: min(flat.numel(), n_rows)]
+    return sorted_rows[order], order, run_counts[order], pairs
 
 
 def _launchable(t: torch.Tensor) -> SimpleNamespace:
@@ -191,8 +199,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@torch.library.custom_op("lingua_pk::triton_bag", mutates_args=())
-def _triton_bag(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _launch_bag(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     table, rows, weights = table.contiguous(), rows.contiguous(), weights.contiguous()
     (n, k), d = rows.shape, table.shape[1]
     out = table.new_empty(n, d)
@@ -206,16 +213,20 @@ def _triton_bag(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) 
     return out
 
 
+# Custom ops, so that torch.compile keeps the launches as opaque nodes. (A dispatch mode does
+# not see inside a custom op: tests check the _launch_* functions for host syncs directly.)
+_triton_bag = torch.library.custom_op("lingua_pk::triton_bag", _launch_bag, mutates_args=())
+
+
 @_triton_bag.register_fake
 def _(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return table.new_empty(rows.shape[0], table.shape[1])
 
 
-@torch.library.custom_op("lingua_pk::triton_bag_table_grad", mutates_args=())
-def _triton_table_grad(grad_out: torch.Tensor, table: torch.Tensor, rows: torch.Tensor,
+def _launch_table_grad(grad_out: torch.Tensor, table: torch.Tensor, rows: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
     """grad_table (table's shape and dtype; `table` itself is not read): one program per
-    touched row over its reverse indices."""
+    slot of the reverse indices (a touched row, or an empty slot that stores nothing)."""
     grad_out, rows, weights = grad_out.contiguous(), rows.contiguous(), weights.contiguous()
     (r, d), k = table.shape, rows.shape[1]
     grad_table = torch.zeros(r, d, dtype=table.dtype, device=table.device)  # unhit rows: exactly 0
@@ -223,9 +234,12 @@ def _triton_table_grad(grad_out: torch.Tensor, table: torch.Tensor, rows: torch.
         touched, starts, counts, pairs = reverse_indices(rows, r)
         block_d = _block_d(d)
         with _on_device(table):
-            _launchable(table).table_grad[(len(touched), _cdiv(d, block_d))](
+            _launchable(table).table_grad[(touched.numel(), _cdiv(d, block_d))](
                 grad_out, weights, pairs, touched, starts, counts, grad_table, k, d, BLOCK_P=BLOCK_P, BLOCK_D=block_d)
     return grad_table
+
+
+_triton_table_grad = torch.library.custom_op("lingua_pk::triton_bag_table_grad", _launch_table_grad, mutates_args=())
 
 
 @_triton_table_grad.register_fake
@@ -233,8 +247,7 @@ def _(grad_out: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, weights: 
     return torch.empty_like(table, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("lingua_pk::triton_bag_score_grad", mutates_args=())
-def _triton_score_grad(grad_out: torch.Tensor, table: torch.Tensor, rows: torch.Tensor,
+def _launch_score_grad(grad_out: torch.Tensor, table: torch.Tensor, rows: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
     """grad_weights (weights' shape and dtype; their values are not read): one program per bag."""
     grad_out, table, rows = grad_out.contiguous(), table.contiguous(), rows.contiguous()
@@ -245,6 +258,9 @@ def _triton_score_grad(grad_out: torch.Tensor, table: torch.Tensor, rows: torch.
             _launchable(table).score_grad[(n,)](table, rows, grad_out, grad_w, k, d, BLOCK_K=BLOCK_K,
                                                 BLOCK_D=_block_d(d))
     return grad_w
+
+
+_triton_score_grad = torch.library.custom_op("lingua_pk::triton_bag_score_grad", _launch_score_grad, mutates_args=())
 
 
 @_triton_score_grad.register_fake
@@ -298,7 +314,8 @@ def _kernels() -> SimpleNamespace:
                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
         # One program per (touched row, column block) owns that slice of the row's gradient:
         # grad_table[row] = sum over its lookups (n, j) of w[n, j] * grad_out[n]. No other
-        # program writes it, so there are no atomics and the sum order is fixed.
+        # program writes it, so there are no atomics and the sum order is fixed. Slots with
+        # count 0 (the grid is sized without reading the number of touched rows) store nothing.
         i = tl.program_id(0)
         row = tl.load(touched + i).to(tl.int64)
         start = tl.load(starts + i)
@@ -314,7 +331,7 @@ def _kernels() -> SimpleNamespace:
             bag = pair // K
             g = tl.load(grad_out + bag[:, None] * D + cols[None, :], mask=pmask[:, None] & cmask[None, :], other=0.0)
             acc += tl.sum(g.to(tl.float32) * w[:, None], axis=0)
-        tl.store(grad_table + row * D + cols, acc.to(grad_table.dtype.element_ty), mask=cmask)
+        tl.store(grad_table + row * D + cols, acc.to(grad_table.dtype.element_ty), mask=cmask & (count > 0))
 
     @triton.jit
     def bag_score_grad(table, rows, grad_out, grad_w, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):

@@ -469,25 +469,56 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torc
 class PreemptionSignal:
     """Catches SIGUSR2 (SLURM's warning before a time limit or preemption). The loop asks
     `agreed()` after each step, so every rank stops at the same step even though the signal
-    reaches them at slightly different moments. Rank-agnostic: works under srun and torchrun."""
+    reaches them at slightly different moments. Rank-agnostic: works under srun and torchrun.
+
+    Agreement without a host sync per step: each call starts an all-reduce (MAX) of this rank's
+    flag and returns the result of the one the previous call started, which the GPU finished
+    while it ran the step in between. So the run stops one step after a rank saw the signal,
+    at the same step everywhere (every rank reads the same reduction); SLURM's warning comes
+    minutes ahead (--signal=USR2@120)."""
 
     def __init__(self, signum: int = signal.SIGUSR2):
         self.signum = signum
         self.requested = False
         self._previous = signal.signal(signum, self._handle)
+        self._pending: Optional[tuple] = None  # (host copy, its event) of the last call
 
     def _handle(self, signum, frame) -> None:
         logger.warning("received signal %d: will save and requeue after this step", signum)
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor(int(self.requested), device=collective_device())
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag)
+        if not dist.is_initialized():
+            return self.requested
+        stop = self._finish_pending()
+        device = collective_device()
+        flag = torch.full((1,), int(self.requested), dtype=torch.int32, device=device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        # On a GPU the current stream waits for the reduction, the host does not. On the CPU
+        # (gloo) the host waits here: no collective stays in flight into the next step.
+        work.wait()
+        host, event = flag, None
+        if device.type != "cpu":
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.get_device_module(device.type).Event()
+            event.record()
+        self._pending = (host, event)
+        return stop
+
+    def _finish_pending(self) -> bool:
+        """The previous call's agreement (False if none): by now its reduction has run."""
+        if self._pending is None:
+            return False
+        host, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        return bool(host.numpy()[0])  # a host array: no device read
 
     def close(self) -> None:
         signal.signal(self.signum, self._previous)
+        self._pending = None
 
 
 def requeue_slurm_job(env: Optional[dict] = None) -> bool:

@@ -491,6 +491,37 @@ def test_every_collective_runs_on_a_device_the_backend_serves(corpus, tmp_path):
         assert (tmp_path / f"calls.rank{rank}.in_flight").read_text() == "1"
 
 
+AGREE_SCRIPT = """
+import os, signal, torch.distributed as dist
+from lingua.distributed import PreemptionSignal
+from lingua.profiling import HostSyncs
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+preemption = PreemptionSignal()
+seen = []
+with HostSyncs() as syncs:
+    for step in range(1, 7):
+        if rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGUSR2)  # only rank 1 is signalled, during step 3
+        seen.append(preemption.agreed())
+preemption.close()
+print(f"rank {rank}: {seen} syncs {syncs.calls}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_preemption_agreement_reads_nothing_back_per_step(tmp_path):
+    """agreed() read its all-reduced flag at once, a host sync every step. Now each call
+    returns the reduction the previous one started: one step later, the same step on every rank."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, failure_report(proc)
+    for rank in (0, 1):
+        assert f"rank {rank}: [False, False, False, True, True, True] syncs []" in proc.stdout, proc.stdout
+
+
 def test_collective_device_follows_the_backend(tmp_path):
     """gloo restricted to CUDA (as NCCL is) gets CUDA tensors, full gloo CPU ones. On a
     machine without CUDA only the device index lookup is stubbed (torch.cuda.current_device)."""

@@ -370,13 +370,25 @@ def apply_fsdp(model: nn.Module, mesh, dims: ParallelDims, args: DistributedArgs
     reshard = args.fsdp_type == "full_shard"
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-    if dims.mp > 1:
+    tables = value_tables(model) if dims.mp > 1 else []
+    if tables:
         # Column-sharded value tables get their own units over the dims that hold different
         # column slices' replicas; kept gathered until backward, as they are read by several layers.
         table_mesh = mesh["dp_replicate", "dp_shard_mem"] if dims.dp_replicate > 1 else mesh["dp_shard_mem"]
-        for table in value_tables(model):
+        for table in tables:
             fully_shard(table, mesh=table_mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=True)
+    if tables:
+        # Gathered when the model's forward starts (after the root's own FSDP hook), in eager
+        # code: memory layers read the attributes inside their (possibly compiled) blocks,
+        # where calling an FSDP module would break the graph. Their gradients are
+        # reduce-scattered by FSDP's end-of-backward callback, as for any unit whose forward
+        # took no tensor input.
+        def gather_value_tables(module, args) -> None:
+            for table in tables:
+                table.unshard()
+
+        model.register_forward_pre_hook(gather_value_tables)
 
 
 def value_tables(model: nn.Module) -> list[nn.Module]:

@@ -92,18 +92,15 @@ class ValueTable(nn.Module):
     """n_keys^2 rows of values. PEER stores two tables (down- and up-projection vectors).
 
     Its parameters are read by row, never multiplied whole: FLOP counting recognises them by
-    this module type (an attribute on the tensor would not survive to_empty or sharding)."""
+    this module type (an attribute on the tensor would not survive to_empty or sharding).
+    Memory layers read the attributes; it has no forward. A table that is its own FSDP unit
+    (memory parallelism) is gathered before the blocks run (lingua.distributed.apply_fsdp):
+    calling an FSDP module inside a compiled block would break its graph."""
 
     def __init__(self, n_rows: int, v_dim: int, peer: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_rows, v_dim))
         self.down = nn.Parameter(torch.empty(n_rows, v_dim)) if peer else None
-
-    def forward(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(values, down). Memory layers read the tables through this call rather than the
-        attributes so that a table sharded by its own FSDP unit (memory parallelism) is
-        gathered by FSDP's forward hooks before use."""
-        return self.weight, self.down
 
     def reset_parameters(self, init: ParamInit) -> None:
         init.trunc_normal_(self.weight, self.weight.shape[1] ** -0.5)
@@ -193,7 +190,7 @@ class ProductKeyMemory(nn.Module):
             with torch.no_grad():
                 self.row_hits.index_add_(0, rows.flatten(), torch.ones_like(rows.flatten(), dtype=self.row_hits.dtype))
         rows, weights = rows.flatten(1), weights.flatten(1)
-        table, down_table = self.values()
+        table, down_table = self.values.weight, self.values.down
         if self.args.peer_variant:
             # One-neuron experts: activation of row i is GELU(down_i . x), then weighted up_i.
             down = F.embedding(rows, down_table)  # [N, H*knn, dim]

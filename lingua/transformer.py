@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -75,40 +76,82 @@ def depth_init_factor(args: BaseTransformerArgs, layer_id: int) -> float:
 
 
 class ParamInit:
-    """Initialises parameters from one seeded generator, drawing each full tensor on CPU and
-    copying in this rank's part. The values depend only on the seed and the module order,
-    not on the device or how the model is sharded, so an FSDP/TP model starts exactly where
-    a single-process one does (and meta-device models materialise without a full copy)."""
+    """Initialises parameters from a seed, drawing on the CPU and copying in only this rank's
+    part. The values depend only on the seed and the order of the draws, not on the device or
+    how the model is sharded, so an FSDP/TP/memory-parallel model starts exactly where a
+    single-process one does.
 
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
+    Memory that fits: each draw is made in blocks of whole rows (about `block_elements` values,
+    each block from its own generator seeded by (seed, draw, block)), and a rank draws only the
+    blocks holding its rows. A 1024^2 x 2048 value table (8 GiB in fp32) costs a rank its shard
+    plus one block of host memory instead of the whole table, and the device receives only the
+    shard (DTensor's distribute_tensor would first move the whole tensor to the device)."""
 
+    def __init__(self, seed: int, block_elements: int = 1 << 22):
+        self.seed = seed
+        self.block_elements = block_elements
+        self.draws = 0
+
+    @torch.no_grad()
     def trunc_normal_(self, param: torch.Tensor, std: float) -> None:
-        full = torch.empty(param.shape, dtype=torch.float32)
-        nn.init.trunc_normal_(full, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=self.generator)
-        copy_full_into(param, full)
+        draw, self.draws = self.draws, self.draws + 1
+        full_shape = tuple(param.shape) or (1,)
+        shape, offset = local_box(param)
+        shape, offset = shape or (1,), offset or (0,)
+        rows_per_block = max(1, self.block_elements // max(1, math.prod(full_shape[1:])))
+        inner = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:]))
+        first, last = offset[0], offset[0] + shape[0]
+        local = torch.empty(shape, dtype=torch.float32)
+        for b in range(first // rows_per_block, -(-last // rows_per_block)):
+            lo, hi = b * rows_per_block, min((b + 1) * rows_per_block, full_shape[0])
+            block = torch.empty((hi - lo, *full_shape[1:]), dtype=torch.float32)
+            generator = torch.Generator().manual_seed(hash((self.seed, draw, b)) & (2**63 - 1))
+            nn.init.trunc_normal_(block, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+            take_lo, take_hi = max(lo, first), min(hi, last)
+            local[take_lo - first : take_hi - first] = block[(slice(take_lo - lo, take_hi - lo), *inner)]
+        _local_part(param).copy_(local.view(_local_part(param).shape))
 
     def copy_(self, param: torch.Tensor, full: torch.Tensor) -> None:
         copy_full_into(param, full)
 
+    @torch.no_grad()
     def ones_(self, param: torch.Tensor) -> None:
-        copy_full_into(param, torch.ones(param.shape))
+        _local_part(param).fill_(1.0)
 
+    @torch.no_grad()
     def zeros_(self, param: torch.Tensor) -> None:
-        copy_full_into(param, torch.zeros(param.shape))
+        _local_part(param).zero_()
+
+
+def _local_part(param: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def local_box(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, offset) of this rank's part of `param` in the full tensor: the whole tensor for a
+    plain one. Every layout here (FSDP, TP, memory parallelism and their nestings) gives each
+    rank one box of the full tensor; anything else is refused rather than misinitialised."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return tuple(param.shape), (0,) * param.dim()
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if tuple(shape) != tuple(param.to_local().shape):
+        raise ValueError(f"cannot locate this rank's part of a {tuple(param.shape)} parameter placed "
+                         f"{param.placements}: local shape {tuple(param.to_local().shape)}, box {tuple(shape)}")
+    return tuple(shape), tuple(offset)
 
 
 @torch.no_grad()
 def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full (unsharded) tensor into a plain or DTensor parameter."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):
-        # Every rank holds the same full tensor: slice locally, no communication.
-        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-        param.to_local().copy_(local)
-    else:
-        param.copy_(full)
+    """Copy this rank's part of a full (unsharded) tensor into a plain or DTensor parameter:
+    sliced where `full` lies, so only the part reaches the parameter's device."""
+    shape, offset = local_box(param)
+    part = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+    _local_part(param).copy_(part)
 
 
 class RMSNorm(nn.Module):

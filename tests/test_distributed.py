@@ -545,6 +545,55 @@ def test_compiled_memory_parallel_training_has_no_graph_breaks(corpus, tmp_path)
         assert abs(losses["true"][step] - loss) < 1e-4, (step, losses)
 
 
+INIT_SCRIPT = """
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from lingua.transformer import ParamInit
+
+class LargestTensor(TorchDispatchMode):
+    largest = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
+rows, cols = 4096, 64  # 16 blocks of 16384 values
+for dim in (0, 1):
+    param = nn.Parameter(distribute_tensor(torch.empty(rows, cols), mesh, [Shard(dim)], src_data_rank=None))
+    with LargestTensor() as seen:
+        ParamInit(7, block_elements=16384).trunc_normal_(param, 0.02)
+    whole = torch.empty(rows, cols)  # one process, whole tensor: the same values
+    ParamInit(7, block_elements=16384).trunc_normal_(whole, 0.02)
+    assert torch.equal(param.to_local(), whole.chunk(2, dim=dim)[rank]), dim
+    # Never the whole tensor: this rank's part, or one block, at a time.
+    assert seen.largest <= max(rows * cols // 2, 16384), (dim, seen.largest)
+    assert 0.019 < float(whole.std()) < 0.021 and float(whole.abs().max()) <= 0.06
+print("ok", rank, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_init_draws_only_this_ranks_part(tmp_path):
+    """ParamInit drew every full tensor on every rank and distribute_tensor moved it to the
+    device before slicing (8 GiB per rank for a 1024^2 x 2048 table). Now a rank draws the
+    blocks of rows holding its part (row or column shards), with the values of one process."""
+    script = tmp_path / "init.py"
+    script.write_text(INIT_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, failure_report(proc)
+    assert proc.stdout.count("ok ") == 2
+
+
 def test_collective_device_follows_the_backend(tmp_path):
     """gloo restricted to CUDA (as NCCL is) gets CUDA tensors, full gloo CPU ones. On a
     machine without CUDA only the device index lookup is stubbed (torch.cuda.current_device)."""

@@ -87,7 +87,7 @@ def test_one_stream_equals_the_plain_residual_model():
     one = build_model(tiny_args(enabled=True, n_streams=1))
     one.load_state_dict(plain.state_dict(), strict=False)
     x, y = tokens(), tokens().roll(1, dims=1)
-    torch.testing.assert_close(one(x), plain(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(one(x), plain(x), atol=1e-5, rtol=1e-5)  # fp32 rounding of a different op order (logits ~1)
     l1, l2 = one(x, target=y), plain(x, target=y)
     l1.backward(), l2.backward()
     assert abs(l1.item() - l2.item()) < 1e-6

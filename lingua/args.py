@@ -1,8 +1,16 @@
 """Config loading: any `*Args` dataclass from defaults < YAML file < `a.b=c` CLI dotlist.
 
+The layers are merged by OmegaConf (`OmegaConf.merge(defaults, file, cli)`, the library Meta
+Lingua's configs are written for), so `${...}` interpolation works in YAML and on the command
+line (`dump_dir: ./dump/${name}`, `${oc.env:SCRATCH}`); it is resolved before the run starts,
+and a reference to a missing key is an error naming the key that holds it. `\\${` is a
+literal `${`.
+
 Keys are strict: an unknown key or a value of the wrong type stops the run before any work,
-naming the dotted key and the closest valid one. On the command line `a.b=c` sets one key
-and `a={b: c}` replaces the whole mapping `a`. `dump_config` writes the resolved config.
+naming the dotted key and the closest valid one (our checks, on the resolved values: OmegaConf's
+own messages are terse). On the command line `a.b=c` sets one key and `a={b: c}` replaces the
+whole mapping `a`. `dump_config` writes the resolved config. A checkpoint's params.json is
+loaded as strictly (`load_params`): a key the args class lacks is an error, never dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -218,6 +228,44 @@ def to_dict(obj: Any) -> dict:
     return _to_plain(obj)
 
 
+def _replaced_paths(tree: dict, prefix: str = "") -> list[tuple[str, dict]]:
+    """(dotted key, mapping) of every mapping the command line gives whole (`a={b: c}`)."""
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, _Replace):
+            out.append((f"{prefix}{k}", dict(v)))
+        elif isinstance(v, dict):
+            out.extend(_replaced_paths(v, f"{prefix}{k}."))
+    return out
+
+
+def _restrict(full: Any, like: Any) -> Any:
+    """The part of `full` at the keys of `like` (the keys the user wrote)."""
+    if isinstance(like, dict) and isinstance(full, dict):
+        return {k: _restrict(full[k], v) for k, v in like.items()}
+    return full
+
+
+def resolve_layers(values: dict, cli_tree: dict, defaults: Optional[dict] = None, keep_defaults: bool = True) -> dict:
+    """OmegaConf.merge(defaults, file values, command line) with `${...}` resolved, as a plain
+    dict. The defaults are a layer so that `${name}` finds a key the file does not set; with
+    keep_defaults=False only the keys of the file and the command line are returned."""
+    layers = [defaults or {}, values, cli_tree]
+    try:
+        cfg = OmegaConf.merge(*(OmegaConf.create(_to_plain(layer)) for layer in layers))
+        for key, mapping in _replaced_paths(cli_tree):
+            OmegaConf.update(cfg, key, mapping, merge=False)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        where = f"config key '{key}': " if key else ""
+        raise ConfigError(f"{where}{msg}") from None
+    if keep_defaults:
+        return resolved
+    return _restrict(resolved, _deep_merge(values, cli_tree))
+
+
 def load_config(cls: type[T], argv: Optional[list[str]] = None, config_file: bool = True) -> T:
     """defaults < `config=path.yaml` < `a.b=c` overrides, all strictly checked. With
     config_file=False, `config=...` is an ordinary key (lingua.stool's `config` field)."""
@@ -228,12 +276,34 @@ def load_config(cls: type[T], argv: Optional[list[str]] = None, config_file: boo
     if len(config_paths) > 1:
         raise ConfigError("more than one config=... given")
     values: dict = load_yaml(config_paths[0]) if config_paths else {}
-    values = _deep_merge(values, _dotlist_to_dict(overrides))
+    where = f" (in {config_paths[0]} or the command line)" if config_paths else ""
     try:
+        values = resolve_layers(values, _dotlist_to_dict(overrides), defaults=to_dict(cls()))
         return _build(cls, values)
     except ConfigError as e:
-        where = f" (in {config_paths[0]} or the command line)" if config_paths else ""
         raise ConfigError(f"{e}{where}") from None
+
+
+def load_params(path: str | os.PathLike, cls: type[T], section: Optional[str] = None) -> T:
+    """`cls` from a checkpoint's params.json (or its `section`), as strictly as a config file:
+    a key `cls` lacks is an error naming it. Meta Lingua's non-strict merge drops such keys, so
+    a memory model's checkpoint would load as a plain model without a word."""
+    import json
+
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read '{path}': {e}") from None
+    if section is not None:
+        if not isinstance(values, dict) or section not in values:
+            raise ConfigError(f"'{path}' has no '{section}' section")
+        values = values[section]
+    try:
+        return _build(cls, values, f"{section}." if section else "")
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {path}: written by another version of the code? a key this code does not "
+                          "know would be silently lost)") from None
 
 
 def dump_config(obj: Any, path: str | os.PathLike) -> None:

@@ -34,13 +34,13 @@ import yaml
 from lingua.args import (
     ConfigError,
     _closest,
-    _deep_merge,
     _dotlist_to_dict,
     _leaf_keys,
     choice,
     cli_main,
     from_dict,
     load_yaml,
+    resolve_layers,
     to_dict,
 )
 from lingua.data import DataArgs, DataError, source_files
@@ -120,7 +120,9 @@ def apply_overrides(config: dict, overrides: list[str], train_args_cls: Optional
                 leaves = ", ".join(f"'{k}'" for k in _leaf_keys(value, key))
                 raise ConfigError(f"unknown config key {leaves}{_closest(key, train_keys + stool_keys)} "
                                   "(on the stool command line)")
-    return to_dict(_deep_merge(config, tree))
+    # Resolved here: stool needs the real dump_dir (`./dump/${name}`) to snapshot the code into.
+    defaults = to_dict(train_args_cls()) if train_args_cls is not None else None
+    return resolve_layers(config, tree, defaults=defaults, keep_defaults=False)
 
 
 def check_existing_dump_dir(args: StoolArgs, dump_dir: Path) -> None:

@@ -550,3 +550,55 @@ def test_train_cli_bad_key_exits_before_any_work(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr  # one clear line, not a stack trace
     assert sorted(p.name for p in dump_dir.iterdir()) == ["existing.txt"]
     assert keep.read_text() == "do not touch" and keep.stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------- OmegaConf interpolation
+
+
+def test_interpolation_in_yaml_and_cli_resolves_against_every_layer(tmp_path: Path) -> None:
+    local = write_yaml(tmp_path, "name: a${steps}\ninner:\n  width: ${steps}\n  tag: w${inner.width}\n", "o.yaml")
+    cfg = load_config(Outer, [f"config={local}", "steps=12"])
+    assert cfg.name == "a12" and cfg.inner.width == 12 and type(cfg.inner.width) is int and cfg.inner.tag == "w12"
+    path = write_yaml(tmp_path, "name: run7\ndump_dir: /scratch/${name}/s${steps}\n")
+    train = load_config(TrainArgs, [f"config={path}", "steps=5"])
+    assert train.dump_dir == "/scratch/run7/s5"
+    # The CLI refers to the file and to defaults (seed is not in the file), and a default-only name works.
+    train = load_config(TrainArgs, [f"config={path}", "dump_dir=./d/${name}-${seed}"])
+    assert train.dump_dir == "./d/run7-42"
+    assert load_config(TrainArgs, ["dump_dir=./d/${name}"]).dump_dir == "./d/lingua"
+    # Interpolated values are still type-checked.
+    with pytest.raises(ConfigError, match="'steps'"):
+        load_config(TrainArgs, ["steps=${name}"])
+
+
+def test_interpolation_to_a_missing_key_names_it_and_the_key_holding_it(tmp_path: Path) -> None:
+    msg = config_error(TrainArgs, ["dump_dir=${nonexistent_key}/x"])
+    assert "nonexistent_key" in msg and "'dump_dir'" in msg
+    path = write_yaml(tmp_path, "model:\n  dim: ${model.width}\n")
+    msg = config_error(TrainArgs, [f"config={path}"])
+    assert "model.width" in msg and "'model.dim'" in msg and str(path) in msg
+
+
+def test_dump_config_writes_interpolations_resolved(tmp_path: Path) -> None:
+    cfg = load_config(TrainArgs, ["name=abc", "dump_dir=${name}/out", "data.root_dir=${dump_dir}/data"])
+    out = tmp_path / "config.yaml"
+    dump_config(cfg, out)
+    text = out.read_text()
+    assert "${" not in text
+    assert yaml.safe_load(text)["data"]["root_dir"] == "abc/out/data"
+
+
+def test_params_json_with_an_unknown_key_is_refused_naming_it(tmp_path: Path) -> None:
+    from apps.main.transformer import LMTransformerArgs
+    from lingua.args import load_params
+
+    params = to_dict(TrainArgs())
+    path = tmp_path / "params.json"
+    path.write_text(__import__("json").dumps(params))
+    assert load_params(path, LMTransformerArgs, "model") == LMTransformerArgs()
+    # A key this code lacks (as a memory model's checkpoint has for a plain build).
+    params["model"]["memory_slots"] = {"n_slots": 16}
+    path.write_text(__import__("json").dumps(params))
+    with pytest.raises(ConfigError) as info:
+        load_params(path, LMTransformerArgs, "model")
+    assert "model.memory_slots.n_slots" in str(info.value) and str(path) in str(info.value)

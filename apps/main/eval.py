@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs
-from lingua.args import cli_main, from_dict
+from lingua.args import ConfigError, cli_main, load_params
 from lingua.checkpoint import list_checkpoints, load_model_weights
 from lingua.data import VAL_GLOB, DataArgs, DataError, encode_document, labels_from, read_documents
 from lingua.distributed import (
@@ -199,8 +200,9 @@ def load_train_config(ckpt_dir: Path) -> dict:
 def load_model_from_checkpoint(ckpt_dir: Path, device: torch.device) -> tuple[LMTransformer, Tokenizer, dict]:
     """Model with the checkpoint's weights, its tokenizer, and its training config."""
     config = load_train_config(ckpt_dir)
-    model_args = from_dict(LMTransformerArgs, config["model"])
-    data_args = from_dict(DataArgs, config["data"])
+    # Strict: a key this code lacks (a memory layer's, say) must fail, not load a plain model.
+    model_args = load_params(ckpt_dir / "params.json", LMTransformerArgs, "model")
+    data_args = load_params(ckpt_dir / "params.json", DataArgs, "data")
     tokenizer = build_tokenizer(data_args.tokenizer.name, data_args.tokenizer.path)
     with torch.device(device):
         model = LMTransformer(model_args)
@@ -233,7 +235,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for key in ("harness", "generator"):
         if getattr(args, key):
             logger.warning("eval: '%s' is accepted for Meta Lingua configs but not run by this command", key)
-    results = evaluate(args, info, device)
+    try:
+        results = evaluate(args, info, device)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     shutdown_distributed()  # after evaluate() returned: nothing holds the model any more
     return results
 
@@ -243,7 +249,7 @@ def evaluate(args: EvalArgs, info: WorldInfo, device: torch.device) -> dict:
     metrics.validation.jsonl. Returns {source name: {loss, bpb, docs, ...}}."""
     ckpt = resolve_ckpt_dir(args.ckpt_dir)
     model, tokenizer, config = load_model_from_checkpoint(ckpt, device)
-    data_args = from_dict(DataArgs, config["data"])
+    data_args = load_params(ckpt / "params.json", DataArgs, "data")
     results = run_validation(model, tokenizer, args.validation, data_args, device, info.rank, info.world_size)
     step = args.global_step if args.global_step is not None else int(ckpt.name) if ckpt.name.isdigit() else None
     out_dir = Path(args.metric_log_dir or args.dump_dir or ckpt.parent.parent)

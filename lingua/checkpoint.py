@@ -2,11 +2,15 @@
 train_state_{dp_rank:05d}.json per data-parallel rank.
 
 A save is written into `.tmp_{step}` and renamed when complete, so a crash mid-save leaves
-the previous checkpoint as the newest one. Keep-N applies to dump and eval saves separately.
+the previous checkpoint as the newest one; a save that fills the disk is removed and raises
+DiskFull naming the path and the bytes it needs. Keep-N applies to dump and eval saves
+separately, `total_limit` caps the step checkpoints in all, and `checkpoints/best` (save_best)
+is a full copy of the best validated checkpoint, outside both.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,6 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,10 +33,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lingua.args import choice
+
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^\d{10}$")
 TMP_PREFIX = ".tmp_"
+BEST = "best"
+BEST_OLD = ".best_old"  # the previous best while the new one is renamed in
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -47,6 +57,14 @@ class CheckpointArgs:
     path: Optional[str] = None
     init_ckpt_path: Optional[str] = None
     continue_training_from_init: bool = False
+    # Not in Meta Lingua:
+    save_best: bool = False  # keep the checkpoint of the best validation metric as checkpoints/best
+    total_limit: int = 0  # at most this many step checkpoints in all (besides best); <= 0: no limit
+    save_precision: str = choice("fp32", tuple(SAVE_DTYPES))  # of consolidated / exported weights
+
+
+class DiskFull(OSError):
+    """A save ran out of space; the partial save is gone and earlier checkpoints are intact."""
 
 
 def _is_dist() -> bool:
@@ -69,6 +87,53 @@ def _write_json(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _gather(obj: Any) -> list:
+    """Every rank's `obj` (all_gather_object), or [obj] on one process."""
+    if not _is_dist():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _describe(error: BaseException) -> str:
+    """The error and its causes as text: DCP wraps each rank's failure (CheckpointException)."""
+    parts, seen = [], error
+    while seen is not None and len(parts) < 8:
+        # CheckpointException's text holds each rank's traceback: its last line is the error.
+        lines = [line for line in str(seen).splitlines() if line.strip()]
+        parts.append(f"{type(seen).__name__}: {lines[-1].strip() if lines else ''}")
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts)
+
+
+def _is_disk_full(message: str) -> bool:
+    return any(s in message for s in ("No space left on device", "Disk quota exceeded", "[Errno 28]"))
+
+
+def _state_bytes(state: dict) -> int:
+    """Bytes of this rank's tensors in a (nested) state dict: its share of a save."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, dict):
+            total += _state_bytes(value)
+        elif isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            total += local.numel() * local.element_size()
+    return total
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB ({n} bytes)"
 
 
 def list_checkpoints(path: str | os.PathLike) -> list[Path]:
@@ -99,12 +164,19 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def remove_stale_tmp(self) -> None:
-        """Half-written saves of an earlier crash: ours by name, never user files."""
+        """Half-written saves of an earlier crash: ours by name, never user files. A crash
+        between the two renames of save_best left the previous best as BEST_OLD: restore it."""
         if _rank() == 0 and self.path.is_dir():
             for p in self.path.iterdir():
                 if p.name.startswith(TMP_PREFIX) and p.is_dir():
                     logger.warning("removing incomplete checkpoint %s left by an interrupted save", p)
                     shutil.rmtree(p)
+            old, best = self.path / BEST_OLD, self.path / BEST
+            if old.is_dir():
+                if best.exists():
+                    shutil.rmtree(old)
+                else:
+                    os.replace(old, best)
         _barrier()
 
     def save(
@@ -118,7 +190,8 @@ class CheckpointManager:
         write_train_state: bool = True,
     ) -> Path:
         """Collective: every rank calls it. `write_train_state` is False on ranks whose data-
-        parallel replica already writes the same train state (tensor-parallel peers)."""
+        parallel replica already writes the same train state (tensor-parallel peers).
+        Raises DiskFull (on every rank) when any rank's writes run out of space."""
         final = self.path / f"{step:010d}"
         if final.exists():
             logger.info("checkpoint %s already exists; not saving again", final)
@@ -130,14 +203,38 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(state, checkpoint_id=str(tmp))
-        if write_train_state:
-            _write_json(train_state_file(tmp, dp_rank), train_state)
-        if _rank() == 0:
-            _write_json(tmp / "params.json", params)
-        _barrier()
+        error = None
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(state, checkpoint_id=str(tmp))
+            if write_train_state:
+                _write_json(train_state_file(tmp, dp_rank), train_state)
+            if _rank() == 0:
+                _write_json(tmp / "params.json", params)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must learn of any failure
+            error = e  # (DCP's CheckpointException is a BaseException)
+        # One exchange instead of the barrier: a rank whose own write failed must not leave the
+        # others waiting at a barrier it never reaches. Free space is read before the partial
+        # save is removed: torch's writer often reports a full disk as a bare "unexpected pos".
+        free = shutil.disk_usage(self.path).free if error is not None else None
+        failures = _gather((None if error is None else _describe(error), _state_bytes(state), free))
+        if any(f[0] for f in failures):
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _barrier()
+            needed = self._size(self.latest()) or sum(f[1] for f in failures)
+            messages = [f[0] for f in failures if f[0]]
+            if any(_is_disk_full(m) for m in messages) or any(f[2] is not None and f[2] < needed for f in failures):
+                raise DiskFull(errno.ENOSPC, f"disk full (no space left on device) while saving checkpoint {final}: "
+                               f"it needs about {_human(needed)}, the filesystem of {self.path} had "
+                               f"{_human(min(f[2] for f in failures if f[2] is not None))} left; the partial save was "
+                               f"removed, the checkpoints before it are intact (newest: {self.latest() or 'none'}). "
+                               "Free space, or lower checkpoint.dump.keep / checkpoint.total_limit (a save needs room "
+                               f"for one more checkpoint before the oldest is removed). The error: {messages[0]}") from None
+            if error is not None:
+                raise error
+            raise RuntimeError(f"saving checkpoint {final} failed on another rank: {messages[0]}")
         if _rank() == 0:
             os.replace(tmp, final)
             self.clean_up()
@@ -145,16 +242,49 @@ class CheckpointManager:
         logger.info("saved checkpoint %s", final)
         return final
 
+    @staticmethod
+    def _size(ckpt: Optional[Path]) -> int:
+        if ckpt is None:
+            return 0
+        return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+
+    def save_best(self, step_ckpt: Path, info: dict) -> Path:
+        """Collective. `checkpoints/best` becomes a full copy of the step checkpoint `step_ckpt`
+        plus best.json (`info`), replaced whole: the new copy is complete before the two renames.
+        The copy is of hard links where the filesystem has them: DCP and _write_json never
+        rewrite a file in place, so sharing files with the step checkpoint is safe, and free."""
+        best = self.path / BEST
+        if _rank() == 0:
+            tmp, old = self.path / f"{TMP_PREFIX}{BEST}", self.path / BEST_OLD
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shutil.copytree(step_ckpt, tmp, copy_function=_link_or_copy)
+            _write_json(tmp / "best.json", info)
+            if best.exists():
+                os.replace(best, old)
+            os.replace(tmp, best)
+            if old.exists():
+                shutil.rmtree(old)
+        _barrier()
+        logger.info("best checkpoint: %s (step %s, %s %.4f)", best, info.get("step"), info.get("metric"),
+                    info.get("value", float("nan")))
+        return best
+
     def clean_up(self) -> None:
         """Keep the newest `keep` of each cadence in use (dump; eval when an eval is configured)
-        and always the newest save. Nothing is removed while every cadence keeps all."""
+        and always the newest save; then at most `total_limit` of those, the newest. Nothing is
+        removed while every cadence keeps all and there is no limit. `best` is not a step
+        checkpoint: neither rule touches it."""
         found = self.existing()
-        if not found or all(c.keep <= 0 for c in self.cadences):
+        limit = self.args.total_limit
+        if not found or (all(c.keep <= 0 for c in self.cadences) and limit <= 0):
             return
         keep = {found[-1]}
         for cadence in self.cadences:
             matching = [p for p in found if cadence.every > 0 and int(p.name) % cadence.every == 0]
             keep.update(matching[-cadence.keep :] if cadence.keep > 0 else matching)
+        if limit > 0:
+            keep = set(sorted(keep)[-limit:])
         for p in found:
             if p not in keep:
                 shutil.rmtree(p)
@@ -196,9 +326,15 @@ def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
     load_model_and_optim(path, model, None)
 
 
-def consolidate_checkpoint(ckpt: str | os.PathLike, out_file: Optional[str | os.PathLike] = None) -> Path:
-    """Merge the DCP shards of a checkpoint into one torch.save file (model + optimizer)."""
+def consolidate_checkpoint(ckpt: str | os.PathLike, out_file: Optional[str | os.PathLike] = None,
+                           precision: str = "fp32") -> Path:
+    """Merge the DCP shards of a checkpoint into one torch.save file (model + optimizer), the
+    model's floating-point weights in `precision` (checkpoint.save_precision: fp32 | bf16 |
+    fp16; the optimizer's moments stay as trained, for a resume)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if precision not in SAVE_DTYPES:
+        raise ValueError(f"checkpoint.save_precision must be one of {list(SAVE_DTYPES)}, got {precision!r}")
 
     ckpt = Path(ckpt)
     if not (ckpt / ".metadata").exists():
@@ -207,6 +343,12 @@ def consolidate_checkpoint(ckpt: str | os.PathLike, out_file: Optional[str | os.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     dcp_to_torch_save(str(ckpt), str(tmp))
+    if precision != "fp32":
+        dtype = SAVE_DTYPES[precision]
+        state = torch.load(tmp, map_location="cpu", weights_only=True)
+        state["model"] = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                          for k, v in state["model"].items()}
+        torch.save(state, tmp)
     os.replace(tmp, out)
     if (ckpt / "params.json").exists() and out.parent != ckpt:
         shutil.copy(ckpt / "params.json", out.parent / "params.json")

@@ -79,9 +79,12 @@ def test_crash_during_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypat
         train(args8)
     monkeypatch.setattr(ckpt_module.dcp, "save", real_save)
     assert [p.name for p in manager.existing()] == ["0000000004"], "a half-written save became visible"
-    assert (tmp_path / "run/checkpoints/.tmp_0000000008").exists()
+    assert not (tmp_path / "run/checkpoints/.tmp_0000000008").exists(), "the failed save was left behind"
 
-    # The next start ignores and removes the partial save, resumes from step 4 and finishes.
+    # A process killed mid-save cannot clean up: the next start removes what it left, resumes
+    # from step 4 and finishes.
+    (tmp_path / "run/checkpoints/.tmp_0000000008").mkdir()
+    (tmp_path / "run/checkpoints/.tmp_0000000008/__0_0.distcp").write_bytes(b"partial")
     state = train(args8)
     assert state.step == 8
     assert not (tmp_path / "run/checkpoints/.tmp_0000000008").exists()

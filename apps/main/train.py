@@ -23,9 +23,11 @@ import torch.distributed as dist
 from apps.main.eval import EvalArgs, run_validation
 from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs, build_model
 from lingua.args import ConfigError, cli_main, dump_config, from_dict, to_dict
+from lingua.cadence import Cadence, CadenceArgs, EarlyStoppingArgs, check_metric
 from lingua.checkpoint import (
     CheckpointArgs,
     CheckpointManager,
+    DiskFull,
     load_model_and_optim,
     load_model_weights,
     train_state_file,
@@ -82,6 +84,7 @@ class TrainArgs:
     distributed: DistributedArgs = field(default_factory=DistributedArgs)
     env: EnvironmentArgs = field(default_factory=EnvironmentArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    early_stopping: EarlyStoppingArgs = field(default_factory=EarlyStoppingArgs)
     profiling: ProfilerArgs = field(default_factory=ProfilerArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     async_eval_gpus: Optional[int] = None  # set: eval runs as its own SLURM job with this many GPUs (0: CPU)
@@ -95,25 +98,42 @@ class TrainState:
     scheduler: Optional[dict] = None
     tokens_seen: int = 0  # tokens read into batches, summed over data-parallel ranks
     tokens_trained: int = 0  # of those, the labels trained on (not masked), likewise summed
+    cadence: Optional[dict] = None  # best validation metric and early stopping's count (Cadence)
     preempted: bool = False  # this process stopped early on SIGUSR2 (not saved)
+    stop_reason: Optional[str] = None  # why the run ended before `steps` (early stopping; not saved)
+
+    SAVED = ("step", "data_loader", "scheduler", "tokens_seen", "tokens_trained", "cadence")
 
     def to_json(self) -> dict:
-        return {
-            "step": self.step,
-            "data_loader": self.data_loader,
-            "scheduler": self.scheduler,
-            "tokens_seen": self.tokens_seen,
-            "tokens_trained": self.tokens_trained,
-        }
+        return {k: getattr(self, k) for k in self.SAVED}
 
     @classmethod
     def from_json(cls, saved: dict) -> "TrainState":
-        return cls(**{k: saved[k] for k in ("step", "data_loader", "scheduler", "tokens_seen", "tokens_trained")
-                      if k in saved})
+        return cls(**{k: saved[k] for k in cls.SAVED if k in saved})
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class StepOutOfMemory(RuntimeError):
+    pass
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def out_of_memory_message(args: "TrainArgs", step: int, device: torch.device, last_good: Optional[Path]) -> str:
+    d = args.data
+    return (f"out of memory in step {step} on {device}: micro-batches of {d.batch_size} x {d.seq_len} tokens "
+            f"(data.batch_size x data.seq_len), {args.grad_acc_steps} per step. To fit, lower data.batch_size "
+            "(raise grad_acc_steps to keep the tokens per step), lower data.seq_len, turn on "
+            "distributed.selective_activation_checkpointing or distributed.checkpoint_each_layer, or train on "
+            f"more data-parallel ranks (distributed.dp_shard shards the model). Last good checkpoint: "
+            f"{last_good or 'none'}")
 
 
 def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, ParallelDims]:
@@ -133,6 +153,20 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
     if args.probe_freq:
         logger.warning("probe_freq is set but probing is not implemented; ignoring it")
     eval_args = from_dict(EvalArgs, args.eval) if args.eval is not None else None
+    in_loop_eval = eval_args is not None and args.async_eval_gpus is None
+    for key, wanted in (("early_stopping.patience", args.early_stopping.patience > 0),
+                        ("checkpoint.save_best", args.checkpoint.save_best)):
+        if wanted and not in_loop_eval:
+            why = "async_eval_gpus runs it in another job" if eval_args is not None else "eval is null"
+            raise ConfigError(f"config key '{key}' needs the in-loop validation, but {why} (set eval.validation "
+                              "and checkpoint.eval.every, without async_eval_gpus)")
+    if args.early_stopping.patience < 0:
+        raise ConfigError(f"config key 'early_stopping.patience' must be >= 0, got {args.early_stopping.patience}")
+    if in_loop_eval:
+        try:
+            check_metric(args.early_stopping.metric, list(eval_args.validation.sources) or list(args.data.sources))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     world = world_info()
     try:
         check_numerics(args.distributed)
@@ -354,8 +388,10 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
         else:
             load_model_weights(args.checkpoint.init_ckpt_path, model)
         logger.info("initialised from %s", args.checkpoint.init_ckpt_path)
-    if state.step >= args.steps:
-        logger.info("already at step %d >= steps=%d: nothing to do (checkpoints in %s)", state.step, args.steps, ckpt.path)
+    cadence = Cadence(CadenceArgs.from_train_args(args, validates=eval_args is not None), state.cadence)
+    if state.step >= args.steps or cadence.stop_reason():
+        why = cadence.stop_reason() or f"already at step {state.step} >= steps={args.steps}"
+        logger.info("%s: nothing to do (checkpoints in %s)", why, ckpt.path)
         return state
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -375,101 +411,155 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
         profiler = stack.enter_context(maybe_profile(args.profiling, str(dump_dir), world.rank))
         preemption = PreemptionSignal()
         stack.callback(preemption.close)
-        tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * dp_size
-        window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
+        window = ThroughputWindow(tokens_per_step=args.data.batch_size * args.data.seq_len * args.grad_acc_steps
+                                  * dp_size, flops_per_token=flops_per_token, peak=peak * world.world_size)
         ledger = StepLedger(device)
         model.train()
         while state.step < args.steps:
-            step_start = time.perf_counter()
-            t0 = time.perf_counter()
-            micro_batches = [_to_device(next(loader), device) for _ in range(args.grad_acc_steps)]
-            data_time += time.perf_counter() - t0
-            result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh, precision)
+            window.step_started()
+            micro_batches = window.timed_data(
+                lambda: [_to_device(next(loader), device) for _ in range(args.grad_acc_steps)])
+            try:
+                result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh, precision)
+            except Exception as e:  # noqa: BLE001 - only an allocation failure is turned into advice
+                if not is_out_of_memory(e):
+                    raise
+                raise StepOutOfMemory(out_of_memory_message(args, state.step + 1, device, ckpt.latest())) from None
             state.step += 1
             ledger.record(state.step, result)
-            state.tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
+            state.tokens_seen += window.tokens_per_step
+            window.step_done()
             profiler.step()
             if state.step % args.gc_collect_freq == 0:
                 gc.collect()
 
-            if state.step % args.logging.freq == 0 or state.step in (1, args.steps):
-                ledger.settle(state, ckpt.latest())  # waits for the step: the window's time is real
-                loss_value, grad_norm = float(result.loss), float(result.grad_norm)
-                now = time.perf_counter()
-                wps = window_tokens / (now - window_start)
-                mfu = wps * flops_per_token / (peak * world.world_size)
-                memory_stats = memory_usage_stats(model)
-                mhc_stats = hyper_connection_stats(model)
-                gpu_memory = device_memory_stats(device)
-                if metrics is not None:
-                    metrics.log({
-                        "global_step": state.step,
-                        "loss/out": loss_value,
-                        "optim": {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                  "total_tokens": state.tokens_seen},
-                        "data": {"tokens_read": state.tokens_seen, "tokens_trained": state.tokens_trained,
-                                 "step_tokens_trained": int(result.tokens_trained)},
-                        **({"memory": memory_stats} if memory_stats else {}),
-                        **({"mhc": mhc_stats} if mhc_stats else {}),
-                        **({"gpu_memory": gpu_memory} if gpu_memory else {}),
-                        "speed": {"wps": wps, "FLOPS": wps * flops_per_token, "MFU": mfu,
-                                  "curr_iter_time": now - step_start, "data_load_time": data_time},
-                    })
-                logger.info("step %d  loss %.4f  lr %.2e  gnorm %.3f  %.0f tok/s  MFU %.2f  data %.3fs  "
-                            "tokens trained/read %d/%d", state.step, loss_value, scheduler.get_last_lr()[0],
-                            grad_norm, wps, mfu, data_time, state.tokens_trained, state.tokens_seen)
-                window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
-
-            preempted = preemption.agreed()
-            dump_due = state.step % args.checkpoint.dump.every == 0 or state.step == args.steps or preempted
-            eval_due = eval_args is not None and state.step % args.checkpoint.eval.every == 0 and not preempted
-            if dump_due or eval_due:
-                ledger.settle(state, ckpt.latest())  # never save after a skipped (non-finite) step
+            due = cadence.at(state.step, preemption.agreed())
+            if due.log or due.save:
+                ledger.settle(state, ckpt.latest())  # waits for the step; never save after a skipped step
+            if due.log:
+                log_step(metrics, state, result, scheduler, window, model, device)
+            new_best = False
+            if due.eval and args.async_eval_gpus is None:
+                results = validate_in_loop(model, tokenizer, eval_args, args, device, dp_rank, dp_size, dims.tp,
+                                           precision, state.step, dump_dir if world.rank == 0 else None)
+                new_best = cadence.validated(state.step, results)
+            if due.save:
                 state.data_loader = loader.state_dict()
                 state.scheduler = scheduler.state_dict()
+                state.cadence = cadence.state_dict()
                 train_state = {**state.to_json(), "dp_size": dp_size}
-                ckpt.save(model, optimizer, train_state, to_dict(args), state.step, dp_rank=dp_rank,
-                          write_train_state=tp_rank(mesh) == 0)
-            if eval_due and args.async_eval_gpus is not None:
-                if world.rank == 0:  # its own SLURM job on the checkpoint just saved; training goes on
-                    from lingua.stool import submit_eval_job
-
-                    job = submit_eval_job(dump_dir, ckpt.path / f"{state.step:010d}", state.step, args.eval or {},
-                                          ngpu=args.async_eval_gpus)
-                    logger.info("submitted eval job %s for step %d (logs in %s)", job, state.step,
-                                dump_dir / "evals" / f"{state.step:010d}" / "logs")
-            elif eval_due:
-                # In the precision it trains in, and eagerly: its other grad mode and batch shapes
-                # would each compile more graphs of the blocks, up to the recompile limit, past
-                # which training itself runs eager.
-                with precision(), torch.compiler.set_stance("force_eager"):
-                    results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank,
-                                             dp_size, replicas_per_shard=dims.tp)
-                if world.rank == 0:
-                    out = Path(eval_args.metric_log_dir or dump_dir)
-                    with MetricLogger(out / "metrics.validation.jsonl") as m:
-                        m.log({"global_step": state.step, "val": results})
-                    logger.info("validation at step %d: %s", state.step,
-                                {k: round(v["loss"], 4) for k, v in results.items()})
-            if preempted:
+                saved = ckpt.save(model, optimizer, train_state, to_dict(args), state.step, dp_rank=dp_rank,
+                                  write_train_state=tp_rank(mesh) == 0)
+                if new_best and args.checkpoint.save_best:
+                    ckpt.save_best(saved, {"step": state.step, "metric": args.early_stopping.metric,
+                                           "value": cadence.best, "checkpoint": saved.name})
+            if due.eval and args.async_eval_gpus is not None and world.rank == 0:
+                submit_async_eval(args, dump_dir, ckpt.path / f"{state.step:010d}", state.step)
+            if due.preempted:
                 state.preempted = True
                 if world.rank == 0:
                     requeue_slurm_job()
                 break
-            if dump_due or eval_due:  # keep checkpoint and eval time out of the next wps window
-                window_start, window_tokens, data_time = time.perf_counter(), 0, 0.0
+            state.stop_reason = cadence.stop_reason()
+            if state.stop_reason:
+                break
+            if due.save:  # keep checkpoint and eval time out of the next wps window
+                window.reset()
     gc.enable()
     if state.preempted:
         logger.warning("stopped at step %d on a preemption signal; checkpoint %s", state.step, ckpt.latest())
         return state
     if world.rank == 0:
-        print(f"done: {state.step} steps. dump_dir: {dump_dir}\n"
+        best = ckpt.path / "best"
+        ended = f"{state.stop_reason}; stopped at step {state.step} of {args.steps}" if state.stop_reason \
+            else f"done: {state.step} steps"
+        print(f"{ended}. dump_dir: {dump_dir}\n"
               f"  metrics:     {dump_dir / 'metrics.jsonl'}\n"
               f"  checkpoint:  {ckpt.latest()}\n"
-              f"next: python -m apps.main.eval ckpt_dir={dump_dir}\n"
+              + (f"  best:        {best} (step {cadence.best_step}, {args.early_stopping.metric} "
+                 f"{cadence.best:.4f})\n" if args.checkpoint.save_best and best.exists() else "")
+              + f"next: python -m apps.main.eval ckpt_dir={dump_dir}\n"
               f"      python -m apps.main.generate ckpt_dir={dump_dir} prompt='def '", flush=True)
     return state
+
+
+class ThroughputWindow:
+    """Tokens, time and data-loading time since the last logged step (or save), for wps and MFU."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens, self.data_time, self.step_start = time.perf_counter(), 0, 0.0, time.perf_counter()
+
+    def step_started(self) -> None:
+        self.step_start = time.perf_counter()
+
+    def timed_data(self, fetch: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        out = fetch()
+        self.data_time += time.perf_counter() - t0
+        return out
+
+    def step_done(self) -> None:
+        self.tokens += self.tokens_per_step
+
+    def speed(self) -> dict[str, float]:
+        now = time.perf_counter()
+        wps = self.tokens / (now - self.start)
+        return {"wps": wps, "FLOPS": wps * self.flops_per_token, "MFU": wps * self.flops_per_token / self.peak,
+                "curr_iter_time": now - self.step_start, "data_load_time": self.data_time}
+
+
+def log_step(metrics: Optional[MetricLogger], state: TrainState, result: StepResult, scheduler, window: ThroughputWindow,
+             model, device: torch.device) -> None:
+    """One metrics.jsonl row and log line (collectives inside: every rank calls it)."""
+    loss_value, grad_norm = float(result.loss), float(result.grad_norm)
+    speed = window.speed()
+    memory_stats = memory_usage_stats(model)
+    mhc_stats = hyper_connection_stats(model)
+    gpu_memory = device_memory_stats(device)
+    if metrics is not None:
+        metrics.log({
+            "global_step": state.step,
+            "loss/out": loss_value,
+            "optim": {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "total_tokens": state.tokens_seen},
+            "data": {"tokens_read": state.tokens_seen, "tokens_trained": state.tokens_trained,
+                     "step_tokens_trained": int(result.tokens_trained)},
+            **({"memory": memory_stats} if memory_stats else {}),
+            **({"mhc": mhc_stats} if mhc_stats else {}),
+            **({"gpu_memory": gpu_memory} if gpu_memory else {}),
+            "speed": speed,
+        })
+    logger.info("step %d  loss %.4f  lr %.2e  gnorm %.3f  %.0f tok/s  MFU %.2f  data %.3fs  tokens trained/read %d/%d",
+                state.step, loss_value, scheduler.get_last_lr()[0], grad_norm, speed["wps"], speed["MFU"],
+                speed["data_load_time"], state.tokens_trained, state.tokens_seen)
+    window.reset()
+
+
+def validate_in_loop(model, tokenizer, eval_args: EvalArgs, args: TrainArgs, device, dp_rank: int, dp_size: int,
+                     tp: int, precision, step: int, dump_dir: Optional[Path]) -> dict:
+    """Validation of the model being trained; dump_dir (rank 0 only) gets metrics.validation.jsonl.
+    In the precision it trains in, and eagerly: its other grad mode and batch shapes would each
+    compile more graphs of the blocks, up to the recompile limit, past which training runs eager."""
+    with precision(), torch.compiler.set_stance("force_eager"):
+        results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank, dp_size,
+                                 replicas_per_shard=tp)
+    if dump_dir is not None:
+        with MetricLogger(Path(eval_args.metric_log_dir or dump_dir) / "metrics.validation.jsonl") as m:
+            m.log({"global_step": step, "val": results})
+        logger.info("validation at step %d: %s", step, {k: round(v["loss"], 4) for k, v in results.items()})
+    return results
+
+
+def submit_async_eval(args: TrainArgs, dump_dir: Path, ckpt: Path, step: int) -> None:
+    """Validation of checkpoint `ckpt` as its own SLURM job; training goes on (rank 0 only)."""
+    from lingua.stool import submit_eval_job
+
+    job = submit_eval_job(dump_dir, ckpt, step, args.eval or {}, ngpu=args.async_eval_gpus)
+    logger.info("submitted eval job %s for step %d (logs in %s)", job, step,
+                dump_dir / "evals" / f"{step:010d}" / "logs")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -479,7 +569,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, StepOutOfMemory, DiskFull) as e:
         logging.getLogger(__name__).error("%s", e)
         raise SystemExit(1) from None
     shutdown_distributed()

@@ -1,9 +1,19 @@
 """AdamW with per-parameter groups and Meta Lingua's learning-rate schedules.
 
-A module can give some of its parameters their own lr / weight decay by defining
-`optim_overrides() -> {local_param_name: {"lr": .., "weight_decay": ..}}`; the overrides are
-found by walking named_modules, so they survive FSDP wrapping and checkpoint loading (they
-are code, not state). Every schedule returns a factor applied to each group's own lr.
+Each parameter belongs to one component, `base`, `memory` or `lora`, declared by the module
+that owns it: a module class sets `optim_component = "memory"` (or "lora") and every parameter
+under it belongs to that component (the innermost declaration wins); the rest is `base`. The
+component's lr is `optim.memory_lr` / `lora_lr` / `base_model_lr` (None: `optim.lr`), and a
+component whose lr is 0 is frozen: requires_grad off, so no gradient, no optimizer state, no
+weight decay, and bit-identical weights after training.
+
+A module can also give some of its parameters their own lr / weight decay by defining
+`optim_overrides() -> {local_param_name: {"lr": .., "weight_decay": .., "name": ..}}` (value
+tables' value_fixed_lr: it applies inside the memory component, and a frozen memory freezes
+them too). Components and overrides are found by walking named_modules, so they survive FSDP
+wrapping and checkpoint loading (they are code, not state). Every schedule returns a factor
+applied to each group's own lr; each group carries a `label` (its component, or the
+override's name) for metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -12,6 +22,8 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
+
+COMPONENTS = ("base", "memory", "lora")
 
 import torch
 from torch import nn
@@ -36,6 +48,14 @@ class OptimArgs:
     annealing_step: int = 1000
     decay_fraction: float = 0.1
     exp_factor: float = 0.5
+    # Not in Meta Lingua: per-component learning rates (None: lr; 0: frozen). See the module doc.
+    memory_lr: Optional[float] = None
+    lora_lr: Optional[float] = None
+    base_model_lr: Optional[float] = None
+
+    def component_lr(self, component: str) -> float:
+        lr = {"base": self.base_model_lr, "memory": self.memory_lr, "lora": self.lora_lr}[component]
+        return float(self.lr if lr is None else lr)
 
 
 def _warmup(step: int, warmup: int) -> Optional[float]:
@@ -124,6 +144,32 @@ def collect_overrides(model: nn.Module) -> dict[str, dict]:
     return out
 
 
+def param_components(model: nn.Module) -> dict[str, str]:
+    """Full parameter name -> its component, from the `optim_component` of the innermost
+    module above it that declares one; "base" for the rest."""
+    owner: dict[str, str] = {}
+    for mod_name, module in model.named_modules():  # parents come before their children
+        component = getattr(module, "optim_component", None)
+        if component is None:
+            continue
+        if component not in COMPONENTS:
+            raise ValueError(f"{type(module).__name__}.optim_component={component!r}: not one of {COMPONENTS}")
+        for name, _ in module.named_parameters(prefix=mod_name, remove_duplicate=False):
+            owner[name] = component
+    return {name: owner.get(name, "base") for name, _ in model.named_parameters()}
+
+
+def freeze_components(model: nn.Module, args: OptimArgs) -> list[str]:
+    """requires_grad off for the parameters of every component whose lr is 0; their names."""
+    frozen = []
+    components = param_components(model)
+    for name, param in model.named_parameters():
+        if args.component_lr(components[name]) == 0:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def _mesh_key(param: torch.Tensor) -> tuple:
     """() for a plain tensor; the device mesh of a DTensor. The fused AdamW kernel takes one
     kind per call: plain tensors and DTensors, or DTensors of different meshes, do not mix."""
@@ -136,24 +182,43 @@ def _mesh_key(param: torch.Tensor) -> tuple:
 
 
 def param_groups(model: nn.Module, args: OptimArgs) -> list[dict]:
-    """One group per distinct (lr, weight_decay) and device mesh; the default lr and decay first."""
+    """One group per component label, distinct (lr, weight_decay) and device mesh; the base
+    component at the default lr and decay first. Frozen parameters are in none."""
     overrides = collect_overrides(model)
+    components = param_components(model)
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        o = overrides.get(name, {})
-        lr, decay = float(o.get("lr", args.lr)), float(o.get("weight_decay", args.weight_decay))
-        group = groups.setdefault((lr, decay, _mesh_key(param)),
-                                  {"params": [], "names": [], "lr": lr, "weight_decay": decay})
+        component, o = components[name], overrides.get(name, {})
+        label = o.get("name", component)
+        lr = float(o.get("lr", args.component_lr(component)))
+        decay = float(o.get("weight_decay", args.weight_decay))
+        group = groups.setdefault((label, lr, decay, _mesh_key(param)),
+                                  {"params": [], "names": [], "lr": lr, "weight_decay": decay, "label": label})
         group["params"].append(param)
         group["names"].append(name)
-    default = (float(args.lr), float(args.weight_decay))
-    return sorted(groups.values(), key=lambda g: (g["lr"], g["weight_decay"]) != default)
+    default = ("base", float(args.component_lr("base")), float(args.weight_decay))
+    return sorted(groups.values(), key=lambda g: (g["label"], g["lr"], g["weight_decay"]) != default)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current lr of each group by label (metrics.jsonl's optim/lr_group/<label>)."""
+    out: dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        label = group.get("label", f"group{i}")  # checkpoints from before labels restore groups without
+        out.setdefault(label, group["lr"])
+    return out
 
 
 def build_optimizer(model: nn.Module, args: OptimArgs, n_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW over the model's trainable parameters and its schedule. Freezes (requires_grad off)
+    every component whose lr is 0 first, so the step computes no gradient for it."""
+    freeze_components(model, args)
     groups = param_groups(model, args)
+    if not groups:
+        raise ValueError("every parameter is frozen (optim.lr / base_model_lr / memory_lr / lora_lr are 0): "
+                         "nothing to train")
     for group in groups:
         del group["names"]  # only for tests and debugging; AdamW would carry it into its state
     # Fused: one kernel per device and dtype, and it takes `found_inf` (as from GradScaler), so

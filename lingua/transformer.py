@@ -545,11 +545,15 @@ class BaseTransformer(nn.Module):
             layer.reset_parameters(init, self.init_std(), depth_init_factor(self.args, layer.layer_id))
 
 
-def matmul_flops_per_token(n_matmul_params: int, n_layers: int, dim: int, seq_len: int) -> float:
+def matmul_flops_per_token(n_matmul_params: int, n_layers: int, dim: int, seq_len: int,
+                           n_trainable: Optional[int] = None) -> float:
     """Training FLOPs per token: 6 per matmul weight (fwd 2 + bwd 4) plus causal attention.
+    `n_trainable`: of the matmul weights, those that train (a frozen component's count only
+    their forward: 2 instead of 6); None: all.
 
     Attention scores and the weighted sum cost 2 * 2 * seq * dim per token per layer forward
     over the full square; a causal kernel does half of that, so we count half (6 L d s in
     fwd+bwd, not PaLM's 12 L d s) to not flatter MFU.
     """
-    return 6.0 * n_matmul_params + 6.0 * n_layers * dim * seq_len
+    n_trainable = n_matmul_params if n_trainable is None else n_trainable
+    return 2.0 * n_matmul_params + 4.0 * n_trainable + 6.0 * n_layers * dim * seq_len

@@ -297,3 +297,72 @@ def test_override_lr_survives_loading_into_default_optimizer() -> None:
     assert [g["lr"] for g in optimizer2.param_groups] == [1e-2, 1e-3]
     assert [g["weight_decay"] for g in optimizer2.param_groups] == [args.weight_decay, 0.0]
     assert math.isclose(scheduler.get_last_lr()[1], 1e-3)
+
+
+# ---------------------------------------------------------------- components
+
+
+class Adapter(nn.Module):
+    optim_component = "lora"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 2, bias=False)
+        self.b = nn.Linear(2, 4, bias=False)
+
+
+class Memory(MemoryLike):
+    optim_component = "memory"
+
+    def optim_overrides(self) -> dict[str, dict]:
+        return {"values.weight": {"lr": 1e-3, "weight_decay": 0.0, "name": "memory_values"}}
+
+
+class ComponentNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.memory = Memory()
+        self.adapter = Adapter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = h + self.memory.proj(h) + self.memory.values(torch.arange(h.shape[0]) % 16)
+        return h + self.adapter.b(self.adapter.a(h))
+
+
+def test_each_parameter_belongs_to_the_component_its_module_declares() -> None:
+    from lingua.optim import param_components
+
+    components = param_components(ComponentNet())
+    assert components == {"inp.weight": "base", "inp.bias": "base", "memory.values.weight": "memory",
+                          "memory.proj.weight": "memory", "memory.proj.bias": "memory",
+                          "adapter.a.weight": "lora", "adapter.b.weight": "lora"}
+
+
+def test_component_learning_rates_and_a_frozen_component() -> None:
+    """memory_lr for the memory (its value table keeps its own lr), lora_lr 0 freezes the
+    adapter: no gradient, not in the optimizer, bit-identical after training; base at lr."""
+    from lingua.optim import group_lrs
+
+    torch.manual_seed(0)
+    model = ComponentNet()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = OptimArgs(lr=1e-2, memory_lr=2e-3, lora_lr=0.0, warmup=0, scheduler="constant")
+    optimizer, scheduler = build_optimizer(model, args, 10)
+    assert group_lrs(optimizer) == {"base": 1e-2, "memory": 2e-3, "memory_values": 1e-3}
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in model.adapter.parameters())
+    assert not any(p.requires_grad for p in model.adapter.parameters())
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        assert all(p.grad is None for p in model.adapter.parameters())
+        optimizer.step()
+        scheduler.step()
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (not name.startswith("adapter.")), name
+    with pytest.raises(ValueError, match="frozen"):
+        build_optimizer(ComponentNet(), OptimArgs(lr=0.0), 10)

@@ -152,3 +152,41 @@ def test_consolidated_weights_in_save_precision(corpus, tmp_path, precision, dty
         assert torch.equal(low["model"][k], v.to(dtype))
     with pytest.raises(ValueError, match="save_precision"):
         consolidate_checkpoint(ckpt, tmp_path / "x.pth", precision="int8")
+
+
+PK = {"model.productkey_args.is_enabled": "true", "model.productkey_args.layers": "1",
+      "model.productkey_args.mem_n_keys": 16, "model.productkey_args.mem_heads": 2,
+      "model.productkey_args.mem_knn": 4, "model.productkey_args.mem_k_dim": 16}
+
+
+def test_a_frozen_base_stays_bit_identical_while_the_memory_trains(corpus, tmp_path):
+    """base_model_lr=0 on a model with a memory layer (and its auxiliary losses on): after 4
+    steps every base weight equals its initial value bit for bit, every memory weight moved;
+    metrics.jsonl logs each group's lr and each auxiliary term; MFU counts the base forward only."""
+    from apps.main.transformer import build_model
+
+    run = tmp_path / "run"
+    extra = {**PK, "optim.base_model_lr": 0.0, "optim.memory_lr": 1e-2, "checkpoint.dump.every": 4,
+             "model.productkey_args.load_balance_coef": 0.01, "model.productkey_args.z_loss_coef": 1e-3}
+    args = _args(corpus, run, steps=4, **extra)
+    train(args)
+    args.model.vocab_size = 258
+    init, trained = build_model(args.model), build_model(args.model)
+    load_model_and_optim(run / "checkpoints/0000000004", trained)
+    from lingua.optim import param_components
+
+    memory = {n for n, c in param_components(trained).items() if c == "memory"}
+    assert any(n.startswith("layers.1.feed_forward.") for n in memory) and any("values" in n for n in memory)
+    for (name, p0), (_, p1) in zip(init.named_parameters(), trained.named_parameters()):
+        if name in memory:
+            assert not torch.equal(p0, p1), f"memory parameter {name} did not train"
+        else:
+            assert torch.equal(p0, p1), f"frozen base parameter {name} changed"
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert rows[-1]["optim/lr_group/memory"] > 0 and "optim/lr_group/memory_values" in rows[-1]
+    assert "optim/lr_group/base" not in rows[-1]  # frozen: not in the optimizer
+    assert rows[-1]["loss/pk_load_balance"] > 0 and rows[-1]["loss/pk_z_loss"] > 0
+    # The same model trained whole does 6 FLOPs per weight; frozen, the base does its forward's 2.
+    frozen_flops = rows[-1]["speed/FLOPS"] / rows[-1]["speed/wps"]
+    full = build_model(args.model)
+    assert frozen_flops < full.flops_per_token(args.data.seq_len)

@@ -62,7 +62,8 @@ from lingua.transformer import ParamInit
 from lingua.logger import init_logger
 from lingua.metrics import LoggingArgs, MetricLogger, peak_flops
 from lingua.mhc import AMAX_WARN, amax_stats
-from lingua.optim import OptimArgs, build_optimizer
+from lingua.optim import OptimArgs, build_optimizer, group_lrs
+from lingua.product_key.memory import auxiliary_losses
 from lingua.profiling import ProfilerArgs, maybe_profile
 from lingua.tokenizer import build_tokenizer
 
@@ -227,6 +228,8 @@ class StepResult:
     tokens_trained: torch.Tensor  # labels that were not IGNORE_INDEX, summed over data-parallel ranks
     grad_norm: torch.Tensor
     finite: torch.Tensor  # False: loss or gradient norm was not finite and the update was skipped
+    # Memory layers' auxiliary terms (times their coefficients), mean over micro-batches; {} when off.
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def sum_over_data_ranks(value: torch.Tensor, mesh) -> torch.Tensor:
@@ -262,12 +265,20 @@ def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=Non
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     # FSDP reduce-scatters gradients after each backward: only the last micro-batch's needs to.
     sync_grads = getattr(model, "set_requires_gradient_sync", None)
+    aux_mean: dict[str, torch.Tensor] = {}
     for i, (x, y) in enumerate(micro_batches):
         if sync_grads is not None:
             sync_grads(i == len(micro_batches) - 1)
         with precision():
             loss = model(x, target=y, reduction="sum")
-        (loss * scale.to(loss.dtype)).backward()
+        total = loss * scale.to(loss.dtype)
+        # Auxiliary terms of this forward, already over the global batch ({} and no collective
+        # when off); in the same backward as the loss (FSDP2 refuses a second one), with no
+        # dp factor: lingua.product_key.memory.auxiliary_losses says why.
+        for name, value in auxiliary_losses(model, mesh).items():
+            total = total + value / len(micro_batches)
+            aux_mean[name] = aux_mean.get(name, 0) + value.detach() / len(micro_batches)
+        total.backward()
         loss_sum += loss.detach()
     grad_norm = clip_grad_norm_(model.parameters(), clip)
     mean_loss = sum_over_data_ranks(loss_sum, mesh) / n_global.clamp(min=1.0)
@@ -275,7 +286,7 @@ def train_step(model, optimizer, scheduler, micro_batches, clip: float, mesh=Non
     optimizer.found_inf = (~finite).float()
     optimizer.step()
     scheduler.step()
-    return StepResult(mean_loss, n_global, grad_norm, finite)
+    return StepResult(mean_loss, n_global, grad_norm, finite, aux_mean)
 
 
 class StepLedger:
@@ -524,7 +535,9 @@ def log_step(metrics: Optional[MetricLogger], state: TrainState, result: StepRes
         metrics.log({
             "global_step": state.step,
             "loss/out": loss_value,
-            "optim": {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "total_tokens": state.tokens_seen},
+            **{f"loss/{name}": float(value) for name, value in result.aux.items()},
+            "optim": {"lr": scheduler.get_last_lr()[0], "lr_group": group_lrs(scheduler.optimizer), "grad_norm": grad_norm,
+                      "total_tokens": state.tokens_seen},
             "data": {"tokens_read": state.tokens_seen, "tokens_trained": state.tokens_trained,
                      "step_tokens_trained": int(result.tokens_trained)},
             **({"memory": memory_stats} if memory_stats else {}),

@@ -93,17 +93,22 @@ class LMTransformer(BaseTransformer):
         p = self.output.weight
         return [KVCache.empty(batch, n_kv_heads, max_len, head_dim, p.device, p.dtype) for _ in self.layers]
 
-    def num_matmul_params(self) -> int:
+    def num_matmul_params(self, trainable_only: bool = False) -> int:
         """Parameters that take part in a matmul per token: all but the embedding lookup, and
-        of a memory's value table only the rows a token reads (heads * knn per memory layer)."""
+        of a memory's value table only the rows a token reads (heads * knn per memory layer).
+        trainable_only: of those, the ones that require grad (not in a frozen component)."""
+        counted = lambda p: p.requires_grad or not trainable_only  # noqa: E731
         tables = {id(p) for m in self.modules() if isinstance(m, ValueTable) for p in m.parameters()}
-        total = sum(p.numel() for p in self.parameters() if id(p) not in tables)
-        if not self.weight_tying:
+        total = sum(p.numel() for p in self.parameters() if id(p) not in tables and counted(p))
+        if not self.weight_tying and counted(self.tok_embeddings.weight):
             total -= self.tok_embeddings.weight.numel()
-        return total + sum(m.lookup_params_per_token() for m in self.modules() if isinstance(m, ProductKeyMemory))
+        return total + sum(m.lookup_params_per_token() for m in self.modules()
+                           if isinstance(m, ProductKeyMemory) and counted(m.values.weight))
 
     def flops_per_token(self, seq_len: int) -> float:
-        return matmul_flops_per_token(self.num_matmul_params(), self.args.n_layers, self.args.dim, seq_len)
+        """Training FLOPs per token (frozen components: forward only)."""
+        return matmul_flops_per_token(self.num_matmul_params(), self.args.n_layers, self.args.dim, seq_len,
+                                      n_trainable=self.num_matmul_params(trainable_only=True))
 
 
 def build_model(args: LMTransformerArgs, device: torch.device | str = "cpu") -> LMTransformer:

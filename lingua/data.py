@@ -1,7 +1,8 @@
 """Training data: JSONL chunks -> documents -> tokens -> packed windows -> shuffled batches.
 
 A JSONL line is one document in one of these modes (see `document_segments`):
-- pretraining `{"text": ...}`: every token is a label;
+- pretraining `{"text": ...}`: every token is a label; with `data.text_field` set, the named
+  field or fields (joined by `data.text_field_separator`) are the text instead, whatever the mode;
 - input/output pairs `{"input", "output"}` or `{"prompt", "response"}`: the two texts are
   concatenated as they are (put any separator in the input), and only the output's tokens
   and the final eos are labels;
@@ -14,10 +15,14 @@ so windows that cut a document keep it aligned; a document longer than a window 
 several windows, never dropped.
 
 Each stage has a small JSON state, so a checkpoint resumes the exact batch sequence:
-the reader saves (epoch, file, byte offset, line); a token stream saves the reader state at
-its current document plus the offset in it; the shuffle buffer saves the stage states and
-RNG at the buffer's start, the buffer's geometry and how many of its windows it has emitted.
+the reader saves (epoch, file, byte offset, line, documents read this epoch); a token stream
+saves the reader state at its current document plus the offset in it; the shuffle buffer saves
+the stage states and RNG at the buffer's start, the buffer's geometry and how many of its
+windows it has emitted.
 `load_async` runs the same pipeline in a child process that sends (batch, state after batch) pairs.
+
+`data.root_dir` is a local path or any fsspec URL (`s3://`, `gs://`, `memory://`, ...); URLs are
+listed and read through fsspec with the same state, plain paths with the standard library.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import signal
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -43,6 +48,7 @@ from lingua.tokenizer import Tokenizer, TokenizerArgs, build_tokenizer
 logger = logging.getLogger(__name__)
 
 CHUNK_GLOB = "*.chunk.*.jsonl"
+PREPARE = "setup/download_prepare_hf_data.py"  # named in errors: it writes data.root_dir's layout
 VAL_GLOB = "*.val.jsonl"
 # Label of a position that is not trained on (PyTorch's cross_entropy default ignore_index).
 IGNORE_INDEX = -100
@@ -86,15 +92,63 @@ class DataArgs:
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
     # Not in Meta Lingua: what a malformed line does ("skip" counts and warns).
     on_bad_line: str = choice("error", ("error", "skip"))
+    # Not in Meta Lingua. The fields whose text, joined by the separator, is a pretraining document;
+    # None reads the modes of `document_segments`. A list, so `text` and `[a, b]` both load.
+    text_field: Optional[list[str]] = None
+    text_field_separator: str = "\n"
+    # Not in Meta Lingua: at most this many documents of each source per epoch, over all ranks.
+    num_samples: Optional[int] = None
 
 
-def source_files(args: DataArgs, pattern: str = CHUNK_GLOB) -> dict[str, list[Path]]:
-    """Files of every source, checked before any training work starts."""
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` is an fsspec URL (`proto://...`, or a chain `a::proto://...`)."""
+    return "://" in str(path)
+
+
+def open_binary(path: str | os.PathLike) -> Any:
+    """`path` opened for binary reading: a URL through fsspec, a plain path with open()."""
+    if is_url(path):
+        import fsspec  # only URLs need it
+
+        return fsspec.open(str(path), "rb").open()
+    return open(path, "rb")
+
+
+def _url_lister(root: str) -> Callable[[str, str], list[str]]:
+    """For a URL root_dir: a function from a source name and pattern to its matching file URLs.
+    DataError naming data.root_dir for an unknown protocol, a missing package or a missing root."""
+    import fsspec
+
+    try:
+        fs, root_path = fsspec.core.url_to_fs(root)
+        exists = fs.isdir(root_path)
+    except Exception as e:  # unknown protocol, filesystem package not installed, no access
+        raise DataError(f"data.root_dir '{root}' cannot be opened through fsspec: {type(e).__name__}: {e}") from None
+    if not exists:
+        raise DataError(f"data.root_dir '{root}' does not exist (prepare it with {PREPARE})")
+    # Files keep the URL as written (its protocol chain and spelling), with the listed tail appended.
+    base, prefix = root if root.endswith("/") else root + "/", root_path.rstrip("/") + "/"
+    return lambda name, pattern: sorted(base + p[len(prefix):] for p in fs.glob(f"{prefix}{name}/{pattern}"))
+
+
+def source_files(args: DataArgs, pattern: str = CHUNK_GLOB) -> dict[str, list[Path | str]]:
+    """Files of every source (Paths under a plain root_dir, URLs under an fsspec one), checked
+    before any training work starts."""
     if not args.root_dir:
         raise DataError("data.root_dir is not set")
-    root = Path(args.root_dir)
-    if not root.is_dir():
-        raise DataError(f"data.root_dir '{root}' does not exist (prepare it with setup/download_prepare_hf_data.py)")
+    if is_url(args.root_dir):
+        listing = _url_lister(args.root_dir)
+        where = lambda name: f"{args.root_dir.rstrip('/')}/{name}"  # noqa: E731
+    else:
+        root = Path(args.root_dir)
+        if not root.is_dir():
+            raise DataError(f"data.root_dir '{root}' does not exist (prepare it with {PREPARE})")
+        listing = lambda name, pattern: sorted((root / name).glob(pattern))  # noqa: E731
+        where = lambda name: root / name  # noqa: E731
+    if args.text_field is not None and not args.text_field:
+        raise DataError("data.text_field is an empty list: name at least one field, or null for the default modes")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise DataError(f"data.num_samples={args.num_samples}: must be at least 1 (or null to read everything)")
     if not args.sources:
         raise DataError("data.sources is empty: give at least one {name: weight}")
     if args.n_views != 2:
@@ -103,14 +157,14 @@ def source_files(args: DataArgs, pattern: str = CHUNK_GLOB) -> dict[str, list[Pa
     for name, weight in args.sources.items():
         if not weight > 0:
             raise DataError(f"data.sources.{name} has weight {weight}; weights must be > 0")
-        files = sorted((root / name).glob(pattern))
+        files = listing(name, pattern)
         if not files:
-            raise DataError(f"data.sources.{name}: no files matching {pattern} in '{root / name}'")
+            raise DataError(f"data.sources.{name}: no files matching {pattern} in '{where(name)}'")
         out[name] = files
     return out
 
 
-def assign_files(files: list[Path], rank: int, world_size: int) -> list[tuple[str, int, int]]:
+def assign_files(files: list[Path | str], rank: int, world_size: int) -> list[tuple[str, int, int]]:
     """This rank's share as (path, stride, offset) triples: it reads the lines of `path` with
     line % stride == offset. Every line is read by exactly one rank.
 
@@ -131,9 +185,18 @@ def assign_files(files: list[Path], rank: int, world_size: int) -> list[tuple[st
     return [(str(files[c]), stride, (k + t) % stride) for t, c in enumerate(range(rank % groups, n, groups))]
 
 
-def share_imbalance(files: list[Path], world_size: int) -> float:
+def _file_sizes(files: list[Path | str]) -> dict[str, int]:
+    if files and is_url(files[0]):
+        import fsspec
+
+        fs = fsspec.core.url_to_fs(str(files[0]))[0]
+        return dict(zip(map(str, files), fs.sizes([fsspec.core.url_to_fs(str(f))[1] for f in files])))
+    return {str(f): os.path.getsize(f) for f in files}
+
+
+def share_imbalance(files: list[Path | str], world_size: int) -> float:
     """Largest over smallest rank share of `files`, estimated from file sizes in bytes."""
-    sizes = {str(f): os.path.getsize(f) for f in files}
+    sizes = _file_sizes(files)
     shares = [sum(sizes[p] / stride for p, stride, _ in assign_files(files, r, world_size)) for r in range(world_size)]
     return max(shares) / max(min(shares), 1.0)
 
@@ -162,9 +225,26 @@ def _render_chat(messages: Any, where: str) -> Segments:
     return segments
 
 
-def document_segments(doc: Any, where: str) -> Segments:
+def _joined_fields(doc: Any, fields: list[str], separator: str, where: str) -> str:
+    if not isinstance(doc, dict):
+        raise DataError(f"{where}: expected a JSON object with the data.text_field fields {fields}, "
+                        f"got {type(doc).__name__}")
+    for name in fields:
+        if name not in doc:
+            raise DataError(f"{where}: no field '{name}' (data.text_field={fields}; found {sorted(doc)[:8]})")
+        if not isinstance(doc[name], str):
+            raise DataError(f"{where}: field '{name}' (data.text_field) must be a string, "
+                            f"got {type(doc[name]).__name__}")
+    return separator.join(doc[name] for name in fields)
+
+
+def document_segments(doc: Any, where: str, text_field: Optional[list[str]] = None,
+                      separator: str = "\n") -> Segments:
     """The (text, trained) pieces of one parsed JSONL record; DataError naming `where` if it
-    fits no data mode."""
+    fits no data mode. With `text_field`, the record is one pretraining text: those fields
+    joined by `separator`."""
+    if text_field is not None:
+        return [(_joined_fields(doc, text_field, separator, where), True)]
     if isinstance(doc, dict):
         if isinstance(doc.get("text"), str):
             return [(doc["text"], True)]
@@ -183,13 +263,14 @@ def document_segments(doc: Any, where: str) -> Segments:
     )
 
 
-def parse_document(line: bytes, path: str, line_no: int) -> Segments:
+def parse_document(line: bytes, path: str, line_no: int, text_field: Optional[list[str]] = None,
+                   separator: str = "\n") -> Segments:
     """The segments of one JSONL line, or DataError naming file and line (1-based)."""
     try:
         doc = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}:{line_no + 1}: malformed JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-    return document_segments(doc, f"{path}:{line_no + 1}")
+    return document_segments(doc, f"{path}:{line_no + 1}", text_field, separator)
 
 
 def encode_document(
@@ -226,27 +307,32 @@ def labels_from(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 class JSONLReader:
-    """Endless reader over (path, stride, offset) assignments; one epoch = every assigned line once."""
+    """Endless reader over (path, stride, offset) assignments; one epoch = every assigned line
+    once, or only the first `max_docs` documents of them. `text_field` and `separator` are those
+    of `parse_document`."""
 
-    def __init__(self, assignments: list[tuple[str, int, int]], skip_bad_lines: bool = False):
+    def __init__(self, assignments: list[tuple[str, int, int]], skip_bad_lines: bool = False,
+                 text_field: Optional[list[str]] = None, separator: str = "\n", max_docs: Optional[int] = None):
         self.assignments = assignments
         self.skip_bad_lines = skip_bad_lines
+        self.text_field, self.separator, self.max_docs = text_field, separator, max_docs
         # A position means nothing in another share (file_idx and byte index its own files), so
         # the state names the share; file names only, so a moved data.root_dir still resumes.
         names = [(Path(p).name, stride, offset) for p, stride, offset in assignments]
         self.share = hashlib.sha1(json.dumps(names).encode()).hexdigest()[:16]
         self.epoch, self.file_idx, self.byte, self.line = 0, 0, 0, 0
+        self.docs = 0  # documents returned in this epoch (max_docs ends it)
         self.skipped = 0
         self._file = None
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "file_idx": self.file_idx, "byte": self.byte, "line": self.line,
-                "share": self.share}
+                "docs": self.docs, "share": self.share}
 
     def load(self, state: dict) -> None:
         # States written before the share was saved have none: accepted as before.
         if state.get("share", self.share) != self.share or not 0 <= state["file_idx"] < len(self.assignments):
-            where = Path(self.assignments[0][0]).parent if self.assignments else "?"
+            where = os.path.dirname(self.assignments[0][0]) if self.assignments else "?"
             raise DataError(
                 f"the data state was saved for another share of the chunks in '{where}': the chunk files "
                 f"under data.root_dir or their assignment to ranks changed since the checkpoint, so its "
@@ -254,6 +340,7 @@ class JSONLReader:
             )
         self.close()
         self.epoch, self.file_idx, self.byte, self.line = (state[k] for k in ("epoch", "file_idx", "byte", "line"))
+        self.docs = state.get("docs", 0)  # older states have none; they only matter with max_docs
 
     def close(self) -> None:
         if self._file is not None:
@@ -263,16 +350,19 @@ class JSONLReader:
     def __next__(self) -> Segments:
         empty_passes = 0
         while True:
+            if self.max_docs is not None and self.docs >= self.max_docs:
+                self.close()
+                self.epoch, self.file_idx, self.byte, self.line, self.docs = self.epoch + 1, 0, 0, 0, 0
             path, stride, offset = self.assignments[self.file_idx]
             if self._file is None:
-                self._file = open(path, "rb")
+                self._file = open_binary(path)
                 self._file.seek(self.byte)
             raw = self._file.readline()
             if not raw:
                 self.close()
                 self.file_idx, self.byte, self.line = self.file_idx + 1, 0, 0
                 if self.file_idx == len(self.assignments):
-                    self.file_idx, self.epoch = 0, self.epoch + 1
+                    self.file_idx, self.epoch, self.docs = 0, self.epoch + 1, 0
                     empty_passes += 1
                     if empty_passes > 1:
                         raise DataError(f"no documents to read in {[a[0] for a in self.assignments]}")
@@ -283,7 +373,9 @@ class JSONLReader:
             if line_no % stride != offset or not raw.strip():
                 continue
             try:
-                return parse_document(raw, path, line_no)
+                doc = parse_document(raw, path, line_no, self.text_field, self.separator)
+                self.docs += 1
+                return doc
             except DataError as e:
                 if not self.skip_bad_lines:
                     raise
@@ -348,6 +440,18 @@ class TokenStream:
         return np.concatenate(tokens), np.concatenate(masks)
 
 
+def docs_per_rank(num_samples: Optional[int], world_size: int) -> Optional[int]:
+    """Documents of each source that one rank reads per epoch under data.num_samples (None: all):
+    an equal part, rounded down, since ranks consume at one rate and equal parts keep every
+    document's visit rate equal. Each rank takes the first ones of its own share of the lines."""
+    if num_samples is None:
+        return None
+    if num_samples < world_size:
+        raise DataError(f"data.num_samples={num_samples} is fewer than the {world_size} data-parallel ranks: "
+                        f"each rank reads num_samples / ranks documents of each source, so each needs one")
+    return num_samples // world_size
+
+
 class PackedBatches:
     """The whole pipeline of one rank: weighted sources, packed windows, a shuffle buffer of
     prefetch_size batches, (input, label) int64 batches of [batch_size, seq_len]; labels are
@@ -357,10 +461,12 @@ class PackedBatches:
         self.args = args
         files = source_files(args)
         self.tokenizer = tokenizer or build_tokenizer(args.tokenizer.name, args.tokenizer.path)
-        skip = args.on_bad_line == "skip"
+        max_docs = docs_per_rank(args.num_samples, world_size)
         self.streams = {
             name: TokenStream(
-                JSONLReader(assign_files(fs, rank, world_size), skip), self.tokenizer, args.add_bos, args.add_eos
+                JSONLReader(assign_files(fs, rank, world_size), args.on_bad_line == "skip", args.text_field,
+                            args.text_field_separator, max_docs),
+                self.tokenizer, args.add_bos, args.add_eos,
             )
             for name, fs in files.items()
         }
@@ -496,7 +602,8 @@ class AsyncBatches:
     The child is forked by default: it needs no torch, and fork avoids re-importing the trainer.
     `start_method="spawn"` also works. "forkserver" is refused: its server is a helper process in
     the trainer's process group that a group signal such as SLURM's USR2 kills, after which the
-    trainer can no longer tell whether the loader child lives."""
+    trainer can no longer tell whether the loader child lives. A `memory://` data.root_dir is not
+    visible to a child: build_data_loader reads it in-process instead."""
 
     def __init__(
         self, args: DataArgs, rank: int, world_size: int, state: Optional[dict], queue_size: int = 8,
@@ -548,7 +655,7 @@ class AsyncBatches:
         self.queue.close()
 
 
-def warn_unequal_shares(files: dict[str, list[Path]], world_size: int) -> None:
+def warn_unequal_shares(files: dict[str, list[Path | str]], world_size: int) -> None:
     """One warning per source whose chunks give the ranks shares of unequal size."""
     for name, fs in files.items():
         imbalance = share_imbalance(fs, world_size)
@@ -560,14 +667,32 @@ def warn_unequal_shares(files: dict[str, list[Path]], world_size: int) -> None:
                 "give equal shares", name, world_size, len(fs), imbalance, imbalance)
 
 
+def in_process_only(root_dir: str) -> bool:
+    """Whether root_dir is an fsspec filesystem held in this process's memory (`memory://`): a
+    spawned child sees it empty and a forked one a copy frozen at the fork."""
+    if not is_url(root_dir):
+        return False
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    return isinstance(fsspec.core.url_to_fs(root_dir)[0], MemoryFileSystem)
+
+
 def build_data_loader(args: DataArgs, rank: int = 0, world_size: int = 1, state: Optional[dict] = None,
                       start_method: str = "fork"):
     """Batches of this rank, resumed from `state` if given; call .close() when done.
     `start_method` starts the async loader's child (distributed.spawn_method)."""
     files = source_files(args)  # fails here, before any child process starts
+    per_rank = docs_per_rank(args.num_samples, world_size)
     if rank == 0:  # one warning per run, not one per rank
         warn_unequal_shares(files, world_size)
-    if args.load_async:
+        if per_rank is not None and per_rank * world_size != args.num_samples:
+            logger.warning("data.num_samples=%d over %d ranks: each rank reads %d documents of each source, "
+                           "%d in all", args.num_samples, world_size, per_rank, per_rank * world_size)
+    if args.load_async and in_process_only(args.root_dir):
+        logger.warning("data.root_dir '%s' lives in this process's memory, which a loader child process cannot "
+                       "read: data.load_async is ignored and batches are made in this process", args.root_dir)
+    elif args.load_async:
         return AsyncBatches(args, rank, world_size, state, start_method=start_method)
     batches = PackedBatches(args, rank, world_size)
     if state is not None:
@@ -575,14 +700,16 @@ def build_data_loader(args: DataArgs, rank: int = 0, world_size: int = 1, state:
     return batches
 
 
-def read_documents(path: str | os.PathLike, skip_bad_lines: bool = False) -> Iterator[Segments]:
-    """Every document of one JSONL file once, in order (validation sets), as segments."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f):
+def read_documents(path: str | os.PathLike, skip_bad_lines: bool = False, text_field: Optional[list[str]] = None,
+                   separator: str = "\n") -> Iterator[Segments]:
+    """Every document of one JSONL file (a path or an fsspec URL) once, in order (validation
+    sets), as segments; `text_field` and `separator` are those of `parse_document`."""
+    with open_binary(path) as f:
+        for line_no, raw in enumerate(iter(f.readline, b"")):
             if not raw.strip():
                 continue
             try:
-                yield parse_document(raw, str(path), line_no)
+                yield parse_document(raw, str(path), line_no, text_field, separator)
             except DataError:
                 if not skip_bad_lines:
                     raise

@@ -1,8 +1,9 @@
 """Tests for lingua/data.py: every file and line read exactly once across ranks and every
 document at the same rate on every rank, packing that loses or duplicates no token, weighted
 sources, bit-exact resume (sync and async, and with another buffer geometry), bad lines named
-by file and line, config errors named by key, and an async loader child that neither
-outlives its trainer nor dies of the signals the trainer handles.
+by file and line, config errors named by key, an async loader child that neither outlives its
+trainer nor dies of the signals the trainer handles, data.text_field (the fields that make a
+pretraining text) and data.num_samples (the first documents only, split over the ranks).
 
 All data is JSONL written here into tmp_path; the tokenizer is the real bytes tokenizer.
 """
@@ -13,6 +14,7 @@ import collections
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +174,10 @@ def test_reader_resumes_mid_file_and_mid_epoch(tmp_path: Path) -> None:
     b.load(state)
     assert [next(b) for _ in range(20)] == rest
     assert first[0] == rest[8]  # 15 docs per epoch
+    # States written before the share and the epoch's document count were saved resume too.
+    c = JSONLReader(assign_files(files, 0, 1))
+    c.load({k: v for k, v in state.items() if k not in ("share", "docs")})
+    assert [next(c) for _ in range(20)] == rest
 
 
 # ---------------------------------------------------------------- packing
@@ -712,3 +718,133 @@ def test_resume_from_a_state_without_geometry(tmp_path: Path) -> None:
     resumed = PackedBatches(args)
     resumed.load_state_dict(json.loads(json.dumps(legacy)))
     assert_same_batches(take(resumed, 5), tail)
+
+
+# ---------------------------------------------------------------- data.text_field
+
+
+ALPACA = [{"instruction": f"Do {i}", "input": "x" * (i % 3), "output": f"done {i} " * (1 + i % 4), "id": i}
+          for i in range(12)]
+
+
+def write_records(root: Path, name: str, records: list) -> Path:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    f = root / name / f"{name}.chunk.00.jsonl"
+    f.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return f
+
+
+@pytest.mark.parametrize("fields, separator", [(["instruction", "input", "output"], "\n"), (["output"], "\n"),
+                                               (["output", "instruction"], " ## ")])
+def test_text_field_joins_the_listed_fields_as_pretraining_text(tmp_path: Path, fields, separator) -> None:
+    write_records(tmp_path, "sft", ALPACA)  # input/output records: without text_field a supervised mode
+    args = make_args(tmp_path, {"sft": 1.0}, text_field=fields, text_field_separator=separator)
+    stream = PackedBatches(args).streams["sft"]
+    expected = [t for r in ALPACA for t in TOK.encode(separator.join(r[f] for f in fields), True, True)]
+    windows = [stream.window(8) for _ in range((len(expected) - 1) // 8)]
+    assert all(mask.all() for _, mask in windows)  # every token trained, as pretraining text
+    assert [t for w, _ in windows for t in w[:-1].tolist()] == expected[: len(windows) * 8]
+
+
+def test_text_field_text_reads_what_the_default_reads(tmp_path: Path) -> None:
+    write_source(tmp_path, "web", 2, 6, blank_every=3)
+    default, named = (PackedBatches(make_args(tmp_path, {"web": 1.0}, text_field=tf)) for tf in (None, ["text"]))
+    assert_same_batches(take(named, 8), take(default, 8))
+
+
+@pytest.mark.parametrize("load_async", [False, True])
+def test_text_field_missing_names_field_file_and_line(tmp_path: Path, load_async: bool) -> None:
+    f = write_records(tmp_path, "sft", [ALPACA[0], {"instruction": "I", "output": "O"}, ALPACA[1]])
+    args = make_args(tmp_path, {"sft": 1.0}, batch_size=1, seq_len=4, prefetch_size=1, load_async=load_async,
+                     text_field=["instruction", "input", "output"])
+    loader = build_data_loader(args)
+    try:
+        msg = drain_until_error(loader)
+    finally:
+        loader.close()
+    assert f"{f}:2: no field 'input'" in msg and "data.text_field" in msg
+
+
+def test_text_field_bad_records_follow_on_bad_line(tmp_path: Path) -> None:
+    f = write_records(tmp_path, "sft", [ALPACA[0], {"instruction": "I", "output": "O"}, '"a string"',
+                                        {"instruction": "I", "input": 3, "output": "O"}, ALPACA[1]])
+    fields = ["instruction", "input", "output"]
+    reader = JSONLReader(assign_files([f], 0, 1), skip_bad_lines=True, text_field=fields)
+    assert read_one_epoch(reader) == ["\n".join(r[k] for k in fields) for r in ALPACA[:2]]
+    assert reader.skipped == 3
+    strict = JSONLReader(assign_files([f], 0, 1), text_field=fields)
+    next(strict)
+    for line, needle in ((2, "no field 'input'"), (3, "expected a JSON object"),
+                         (4, "field 'input' (data.text_field) must be a string")):
+        with pytest.raises(DataError, match=re.escape(f"{f}:{line}: {needle}")):
+            next(strict)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.text_field=text", ["text"]),
+    ("data.text_field=[instruction, input, output]", ["instruction", "input", "output"]),
+    ("data.text_field=null", None),
+])
+def test_text_field_from_the_command_line(override: str, expected) -> None:
+    from lingua.args import load_config
+    from apps.main.train import TrainArgs
+
+    assert load_config(TrainArgs, [override]).data.text_field == expected
+
+
+def test_empty_text_field_is_refused(tmp_path: Path) -> None:
+    write_source(tmp_path, "web", 1, 2)
+    with pytest.raises(DataError, match="data.text_field"):
+        source_files(make_args(tmp_path, {"web": 1.0}, text_field=[]))
+
+
+# ---------------------------------------------------------------- data.num_samples
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_num_samples_reads_that_many_documents_split_over_the_ranks(tmp_path: Path, world_size: int) -> None:
+    write_source(tmp_path, "web", 3, 5, blank_every=2)
+    files = sorted((tmp_path / "web").glob(CHUNK_GLOB))
+    seen = []
+    for rank in range(world_size):
+        reader = PackedBatches(make_args(tmp_path, {"web": 1.0}, num_samples=6), rank, world_size).streams["web"].reader
+        docs = [text for [(text, _)] in (next(reader) for _ in range(3 * 6 // world_size))]
+        first = read_one_epoch(JSONLReader(assign_files(files, rank, world_size)))[: 6 // world_size]
+        assert docs == 3 * first  # the first documents of this rank's own share, epoch after epoch
+        assert reader.epoch == 2
+        seen += first
+    assert len(seen) == len(set(seen)) == 6
+
+
+@pytest.mark.parametrize("k", [1, 4, 6])
+@pytest.mark.parametrize("load_async", [False, True])
+def test_num_samples_resumes_exactly(tmp_path: Path, k: int, load_async: bool) -> None:
+    args = multi_source(tmp_path)
+    args.num_samples, args.load_async = 5, load_async  # each epoch ends mid-file, inside a buffer
+    head, tail, again, _ = run_resume(args, k, 8)
+    assert_same_batches(again, tail)
+    sync_args = multi_source(tmp_path)
+    sync_args.num_samples = 5
+    assert_same_batches(head + tail, take(PackedBatches(sync_args), k + 8))
+
+
+@pytest.mark.parametrize("num_samples", [4, 8, 20])  # inside the first file, the second, more than there are
+def test_num_samples_stream_repeats_the_first_documents(tmp_path: Path, num_samples: int) -> None:
+    per_file = write_source(tmp_path, "web", 2, 6, blank_every=3)
+    stream = PackedBatches(make_args(tmp_path, {"web": 1.0}, num_samples=num_samples)).streams["web"]
+    expected = expected_stream([[d for docs in per_file for d in docs][:num_samples]], True, True, epochs=5)
+    windows = [stream.window(8) for _ in range((len(expected) - 1) // 8)]
+    assert [t for w, _ in windows for t in w[:-1].tolist()] == expected[: len(windows) * 8]
+
+
+def test_num_samples_errors_and_warning_name_the_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_source(tmp_path, "web", 2, 4)
+    for bad in (0, -3):
+        with pytest.raises(DataError, match=f"data.num_samples={bad}: must be at least 1"):
+            build_data_loader(make_args(tmp_path, {"web": 1.0}, num_samples=bad))
+    with pytest.raises(DataError, match="data.num_samples=2 is fewer than the 3 data-parallel ranks"):
+        build_data_loader(make_args(tmp_path, {"web": 1.0}, num_samples=2), 1, 3)
+    with caplog.at_level(logging.WARNING, logger="lingua.data"):
+        build_data_loader(make_args(tmp_path, {"web": 1.0}, num_samples=5), 0, 2)
+    assert any("data.num_samples=5 over 2 ranks" in r.getMessage() and "4 in all" in r.getMessage()
+               for r in caplog.records)

@@ -1,10 +1,11 @@
 """Processes, device meshes and model parallelism.
 
-`world_info()` reads rank and world size from torchrun, from SLURM (srun without torchrun)
-or runs one process; `init_distributed` starts the process group (nccl with GPUs, gloo
-without); `build_mesh` lays out (dp_replicate, dp_shard, tp); `parallelize_model` applies
-the TP plan, then column-wise memory parallelism for value tables, then FSDP2 `fully_shard`
-per block and on the root, then selective activation checkpointing, then torch.compile.
+`world_info()` reads rank and world size from torchrun (also `accelerate launch` with several
+processes, which runs torchrun), from SLURM (srun without torchrun) or runs one process;
+`init_distributed` starts the process group (nccl with GPUs, gloo without); `build_mesh` lays
+out (dp_replicate, dp_shard, tp); `parallelize_model` applies the TP plan, then column-wise
+memory parallelism for value tables, then FSDP2 `fully_shard` per block and on the root, then
+full or selective activation checkpointing, then torch.compile.
 Field names follow Meta Lingua.
 """
 
@@ -23,6 +24,7 @@ from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 
 from lingua.args import choice
@@ -36,6 +38,9 @@ class DistributedArgs:
     dp_replicate: int = 1
     tp_size: int = 1
     selective_activation_checkpointing: bool = False
+    # Memory Layers: full activation checkpointing, every block recomputes its forward in
+    # backward (keeps only block inputs). Set with selective_activation_checkpointing, this wins.
+    checkpoint_each_layer: bool = False
     compile: bool = False
     # full_shard frees gathered parameters after forward (ZeRO-3); no_shard keeps them until
     # backward (ZeRO-2: less communication, more memory). Both shard gradients and optimizer.
@@ -79,7 +84,9 @@ class WorldInfo:
 
 def world_info(env: Optional[dict] = None) -> WorldInfo:
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also torchrun inside an srun job)
+    # torchrun, also inside an srun job, and `accelerate launch` with several processes (it runs
+    # torchrun in-process; with one process it sets none of these: one process, below).
+    if "RANK" in env and "WORLD_SIZE" in env:
         return WorldInfo(
             int(env["RANK"]),
             int(env.get("LOCAL_RANK", 0)),
@@ -101,6 +108,13 @@ def world_info(env: Optional[dict] = None) -> WorldInfo:
             int(per_node.split("(")[0].split(",")[0]),
             "slurm",
         )
+    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env:
+        # accelerate's one-process launcher (it always sets ACCELERATE_USE_CPU) with
+        # --num_processes N > 1: with --cpu, or on fewer than 2 GPUs, it starts only this process
+        # and sets MASTER_ADDR for peers that mpirun would start (--mpirun_hostfile), but no rank.
+        logger.warning("accelerate launch started this one process (with --cpu or fewer than 2 GPUs, its "
+                       "multi-process mode needs mpirun): training runs as one process. For N processes use "
+                       "`accelerate launch --multi_gpu --num_processes N` (torchrun; gloo on a CPU)")
     return WorldInfo(0, 0, 1, 1, "single")
 
 
@@ -419,9 +433,26 @@ def compile_blocks(model: nn.Module, cache_size_limit: int = 8) -> nn.Module:
     return model
 
 
+def checkpoint_each_block(model: nn.Module) -> None:
+    """Full activation checkpointing: a block keeps only its inputs for backward and runs its
+    forward again there (non-reentrant torch.utils.checkpoint, which torch.compile turns into a
+    recompute in the block's backward graph). The forward is replaced on each block instance, not
+    wrapped in a module, so parameter names and checkpoints stay those of an eager model."""
+    for block in model.layers:
+        block.forward = partial(_checkpointed_forward, block.forward)
+
+
+def _checkpointed_forward(forward: Callable, x, rope, kv_cache=None, start: int = 0):
+    # Decoding with a KV cache and no-grad validation keep nothing for backward: plain forward.
+    if torch.is_grad_enabled() and kv_cache is None:
+        return torch.utils.checkpoint.checkpoint(forward, x, rope, use_reentrant=False)
+    return forward(x, rope, kv_cache, start)
+
+
 def parallelize_model(model: nn.Module, mesh, dims: Optional[ParallelDims], args: DistributedArgs,
                       device: torch.device) -> nn.Module:
-    """TP -> memory parallel -> FSDP2 -> selective activation checkpointing -> compile, each only when asked."""
+    """TP -> memory parallel -> FSDP2 -> full or selective activation checkpointing -> compile,
+    each only when asked."""
     if args.float8_recipe is not None:
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError(f"distributed.float8_recipe={args.float8_recipe!r} needs a GPU with float8 "
@@ -433,7 +464,13 @@ def parallelize_model(model: nn.Module, mesh, dims: Optional[ParallelDims], args
         apply_memory_parallel(model, mesh["mp"])
     if dims is not None and dims.dp > 1:
         apply_fsdp(model, mesh, dims, args, device)
-    if args.selective_activation_checkpointing:
+    if args.checkpoint_each_layer:
+        if args.selective_activation_checkpointing:
+            # Full checkpointing already recomputes all that selective checkpointing would.
+            logger.warning("distributed.checkpoint_each_layer and selective_activation_checkpointing are both "
+                           "set: every block is checkpointed in full, selective checkpointing is not applied")
+        checkpoint_each_block(model)
+    elif args.selective_activation_checkpointing:
         for block in model.layers:
             block.activation_checkpointing = True
     if args.compile:

@@ -190,3 +190,23 @@ def test_a_frozen_base_stays_bit_identical_while_the_memory_trains(corpus, tmp_p
     frozen_flops = rows[-1]["speed/FLOPS"] / rows[-1]["speed/wps"]
     full = build_model(args.model)
     assert frozen_flops < full.flops_per_token(args.data.seq_len)
+
+
+def test_validation_reads_the_text_field_documents_as_training_does(tmp_path):
+    """data.text_field=[instruction, input, output]: validation scores the joined text, every
+    token (without it these records would read as input/output, scoring the output only)."""
+    from apps.main.eval import validate_file
+    from apps.main.transformer import LMTransformerArgs, build_model
+    from lingua.tokenizer import build_tokenizer
+
+    records = [{"instruction": "Add.", "input": "2 + 2", "output": "4"},
+               {"instruction": "Name a colour.", "input": "", "output": "blue"}]
+    path = tmp_path / "sft.val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    model = build_model(LMTransformerArgs(dim=16, n_layers=1, n_heads=1, vocab_size=258, max_seqlen=64))
+    fields = ["instruction", "input", "output"]
+    sums = validate_file(model, build_tokenizer("bytes", None), path, 64, 2, None, torch.device("cpu"),
+                         text_field=fields, separator=" | ")
+    texts = [" | ".join(r[f] for f in fields) for r in records]
+    assert sums["docs"] == 2 and sums["bytes"] == sum(len(t.encode()) for t in texts)
+    assert sums["tokens"] == sums["bytes"] + 2  # every byte and each document's eos

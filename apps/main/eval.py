@@ -103,6 +103,8 @@ def validate_file(
     world_size: int = 1,
     add_bos: bool = True,
     add_eos: bool = True,
+    text_field: Optional[list[str]] = None,
+    separator: str = "\n",
 ) -> dict:
     """Sums of NLL (nats), scored tokens and their UTF-8 bytes over this rank's documents,
     framed with bos/eos as the model was trained (data.add_bos / add_eos): a model trained
@@ -112,7 +114,7 @@ def validate_file(
     dummy batch), because a sharded model's forward is a collective."""
     pieces: list[tuple[np.ndarray, np.ndarray]] = []
     n_bytes, n_docs = 0, 0
-    for doc_idx, segments in enumerate(read_documents(path)):
+    for doc_idx, segments in enumerate(read_documents(path, text_field=text_field, separator=separator)):
         if doc_idx % world_size != rank:
             continue
         doc_pieces = _windows(*encode_document(tokenizer, segments, add_bos, add_eos), seq_len)
@@ -170,7 +172,7 @@ def run_validation(
         for name, path in _val_files(val, data).items():
             sums = validate_file(
                 model, tokenizer, path, data.seq_len, val.batch_size, val.max_steps, device, rank, world_size,
-                data.add_bos, data.add_eos,
+                data.add_bos, data.add_eos, data.text_field, data.text_field_separator,
             )
             vec = torch.tensor([sums["nll"], sums["tokens"], sums["bytes"], sums["docs"]], dtype=torch.float64,
                                device=collective_device())

@@ -27,26 +27,27 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from apps.main.train import TrainArgs, host_to_device, setup_model, train_step, validate_args
+from apps.main.train import (
+    TrainArgs,
+    data_and_tokenizer,
+    host_to_device,
+    setup_model,
+    start_processes,
+    train_step,
+    validate_args,
+)
 from apps.main.transformer import build_model
 from lingua.args import ConfigError, load_config
-from lingua.data import DataError, build_data_loader, source_files
+from lingua.data import DataError, build_data_loader
 from lingua.distributed import (
-    apply_numerics,
     autocast_context,
-    build_mesh,
-    default_device,
     dp_rank_and_size,
-    init_distributed,
     loader_start_method,
-    set_cpu_threads,
-    setup_env,
     shutdown_distributed,
     world_info,
 )
 from lingua.logger import init_logger
 from lingua.optim import build_optimizer
-from lingua.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -173,23 +174,13 @@ def lr_find(args: TrainArgs, find: LRFindArgs, build_model_fn: Callable = build_
     _, world, dims = validate_args(args)
     if args.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0 (the lr the schedule scales), got {args.optim.lr}")
-    source_files(args.data)  # data errors before any work, naming the source
-    tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
-    if args.model.vocab_size <= 0:
-        args.model.vocab_size = tokenizer.n_words
-    elif args.model.vocab_size < tokenizer.n_words:
-        raise ConfigError(f"model.vocab_size={args.model.vocab_size} < tokenizer n_words={tokenizer.n_words}")
+    data_and_tokenizer(args)
 
     out_dir = Path(args.dump_dir) / "lr_find"
     if world.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     init_logger(world.rank, str(out_dir / "lr_find.log") if world.rank == 0 else None)
-    setup_env(args.env)
-    apply_numerics(args.distributed)
-    set_cpu_threads(world)
-    device = default_device(world.local_rank)
-    init_distributed(world)
-    mesh = build_mesh(dims, device.type) if world.world_size > 1 else None
+    device, mesh = start_processes(args, world, dims)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     torch.manual_seed(args.seed)
 

@@ -177,6 +177,30 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
     return eval_args, world, dims
 
 
+def data_and_tokenizer(args: "TrainArgs"):
+    """Checks the data sources (errors before any work, naming the source) and builds the
+    tokenizer; model.vocab_size <= 0 takes the tokenizer's, a smaller one is an error."""
+    source_files(args.data)
+    tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
+    if args.model.vocab_size <= 0:
+        args.model.vocab_size = tokenizer.n_words
+    elif args.model.vocab_size < tokenizer.n_words:
+        raise ConfigError(f"model.vocab_size={args.model.vocab_size} < tokenizer n_words={tokenizer.n_words}")
+    return tokenizer
+
+
+def start_processes(args: "TrainArgs", world: WorldInfo, dims: ParallelDims):
+    """Environment, numerics, CPU threads, device and process group of this rank; (device,
+    mesh), the mesh None for one process."""
+    setup_env(args.env)
+    apply_numerics(args.distributed)
+    set_cpu_threads(world)
+    device = default_device(world.local_rank)
+    init_distributed(world)
+    mesh = build_mesh(dims, device.type) if world.world_size > 1 else None
+    return device, mesh
+
+
 def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(host_to_device(torch.from_numpy(a), device) for a in batch)
 
@@ -358,22 +382,12 @@ def _load_train_state(ckpt: CheckpointManager, latest: Path, model, optimizer, d
 
 def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState:
     eval_args, world, dims = validate_args(args)
-    source_files(args.data)  # data errors before any work, naming the source
-    tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
-    if args.model.vocab_size <= 0:
-        args.model.vocab_size = tokenizer.n_words
-    elif args.model.vocab_size < tokenizer.n_words:
-        raise ConfigError(f"model.vocab_size={args.model.vocab_size} < tokenizer n_words={tokenizer.n_words}")
+    tokenizer = data_and_tokenizer(args)
 
     dump_dir = Path(args.dump_dir)
     dump_dir.mkdir(parents=True, exist_ok=True)
     init_logger(world.rank, str(dump_dir / "train.log") if world.rank == 0 else None)
-    setup_env(args.env)
-    apply_numerics(args.distributed)
-    set_cpu_threads(world)
-    device = default_device(world.local_rank)
-    init_distributed(world)
-    mesh = build_mesh(dims, device.type) if world.world_size > 1 else None
+    device, mesh = start_processes(args, world, dims)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     if world.rank == 0:
         dump_config(args, dump_dir / "config.yaml")

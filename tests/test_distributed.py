@@ -493,7 +493,7 @@ def test_every_collective_runs_on_a_device_the_backend_serves(corpus, tmp_path):
 
 AGREE_SCRIPT = """
 import os, signal, torch.distributed as dist
-from lingua.distributed import PreemptionSignal
+from lingua.distributed import PreemptionSignal, shutdown_distributed
 from lingua.profiling import HostSyncs
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -506,7 +506,7 @@ with HostSyncs() as syncs:
         seen.append(preemption.agreed())
 preemption.close()
 print(f"rank {rank}: {seen} syncs {syncs.calls}", flush=True)
-dist.destroy_process_group()
+shutdown_distributed()  # destroy_process_group alone may SIGABRT at exit (see its docstring)
 """
 
 
@@ -553,6 +553,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from lingua.transformer import ParamInit
+from lingua.distributed import shutdown_distributed
 
 class LargestTensor(TorchDispatchMode):
     largest = 0
@@ -578,7 +579,7 @@ for dim in (0, 1):
     assert seen.largest <= max(rows * cols // 2, 16384), (dim, seen.largest)
     assert 0.019 < float(whole.std()) < 0.021 and float(whole.abs().max()) <= 0.06
 print("ok", rank, flush=True)
-dist.destroy_process_group()
+shutdown_distributed()  # destroy_process_group alone may SIGABRT at exit
 """
 
 

@@ -206,7 +206,7 @@ def test_fsdp_hands_the_blocks_fp32_rope_tables(tmp_path):
 import sys, torch, torch.distributed as dist
 import lingua.distributed as ld
 from apps.main.transformer import LMTransformerArgs, build_model
-from lingua.distributed import DistributedArgs, ParallelDims, apply_fsdp, build_mesh
+from lingua.distributed import DistributedArgs, ParallelDims, apply_fsdp, build_mesh, shutdown_distributed
 dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + sys.argv[1])
 ld.training_dtype = lambda args, device: torch.bfloat16  # as on a GPU
 dims = ParallelDims(1, 1, 1)
@@ -216,7 +216,7 @@ seen = []
 model.layers[0].attention.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, args[1][0].dtype)))
 model(torch.randint(0, 64, (1, 16)))
 print(*seen[0])
-dist.destroy_process_group()
+shutdown_distributed()  # destroy_process_group alone may SIGABRT at exit
 """
     env = dict(__import__("os").environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "init")], env=env, cwd=ROOT,

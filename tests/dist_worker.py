@@ -73,7 +73,8 @@ def run(out: str, overrides: list[str]) -> None:
         step = train_step(model, optimizer, scheduler, [(tokens[rows, :-1], labels[rows])], args.optim.clip, mesh)
         result["loss"].append(float(step.loss))
         result["grad_norm"].append(float(full(step.grad_norm)))
-        result["grads"].append({n: full(p.grad) for n, p in model.named_parameters()})
+        # A frozen component (lr 0) has no gradient.
+        result["grads"].append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
     result["params"] = {n: full(p) for n, p in model.named_parameters()}
     result["memory_stats"] = memory_usage_stats(model)  # a collective: every rank calls it
     if world.rank == 0:

@@ -101,6 +101,31 @@ def test_product_key_model_on_two_ranks_matches_one_process(single_pk, tmp_path,
     assert got["memory_stats"]["layers.1"] == pytest.approx(single_pk["memory_stats"]["layers.1"], rel=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["distributed.dp_shard=2", "distributed.tp_size=2"], ids=["fsdp", "tp"])
+def test_a_frozen_base_on_two_ranks_stays_bit_identical_and_matches_one_process(tmp_path, layout):
+    """optim.base_model_lr=0 with a memory layer, sharded: only memory parameters get gradients
+    (the same as one process), base parameters end bit-identical to their initial values."""
+    from apps.main.train import TrainArgs
+    from apps.main.transformer import build_model
+    from lingua.args import load_config
+    from lingua.optim import param_components
+    from tests.dist_worker import TINY
+
+    frozen = [*PK, "optim.base_model_lr=0"]
+    one = run_worker(tmp_path / "one.pt", *frozen)
+    two = run_worker(tmp_path / "two.pt", *frozen, layout, nproc=2)
+    assert_matches(one, two)
+    model = build_model(load_config(TrainArgs, TINY + frozen).model)
+    components = param_components(model)
+    memory = {n for n, c in components.items() if c == "memory"}
+    assert memory and all(set(grads) == memory for grads in two["grads"])
+    for name, p in model.named_parameters():
+        if name in memory:
+            assert not torch.equal(two["params"][name], p.detach()), f"memory parameter {name} did not train"
+        else:
+            assert torch.equal(two["params"][name], p.detach()), f"frozen {name} changed"
+
+
 # Two memory layers reading one shared table, as plain / column-parallel values.
 PK_SHARED = [o.replace("layers=1", "layers=0,1") for o in PK]
 

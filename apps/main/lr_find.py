@@ -29,8 +29,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from apps.main.train import (
     TrainArgs,
+    batch_to_device,
     data_and_tokenizer,
-    host_to_device,
     setup_model,
     start_processes,
     train_step,
@@ -165,10 +165,6 @@ def suggest_lr(lrs: list[float], losses: list[float], beta: float) -> dict:
     }
 
 
-def _batch_to_device(batch, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(host_to_device(torch.from_numpy(a), device) for a in batch)
-
-
 def lr_find(args: TrainArgs, find: LRFindArgs, build_model_fn: Callable = build_model) -> dict:
     """Run the range test; rank 0 writes dump_dir/lr_find/. Returns the result (on every rank)."""
     _, world, dims = validate_args(args)
@@ -203,7 +199,7 @@ def lr_find(args: TrainArgs, find: LRFindArgs, build_model_fn: Callable = build_
         model.train()
         best = math.inf
         for i in range(find.steps):
-            micro_batches = [_batch_to_device(next(loader), device) for _ in range(args.grad_acc_steps)]
+            micro_batches = [batch_to_device(next(loader), device) for _ in range(args.grad_acc_steps)]
             group = optimizer.param_groups[0]
             lr = group["lr"] / group["initial_lr"] * args.optim.lr
             result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh, precision)

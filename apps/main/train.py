@@ -201,7 +201,8 @@ def start_processes(args: "TrainArgs", world: WorldInfo, dims: ParallelDims):
     return device, mesh
 
 
-def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch (numpy input, labels) as tensors on `device`."""
     return tuple(host_to_device(torch.from_numpy(a), device) for a in batch)
 
 
@@ -443,7 +444,7 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
         while state.step < args.steps:
             window.step_started()
             micro_batches = window.timed_data(
-                lambda: [_to_device(next(loader), device) for _ in range(args.grad_acc_steps)])
+                lambda: [batch_to_device(next(loader), device) for _ in range(args.grad_acc_steps)])
             try:
                 result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh, precision)
             except Exception as e:  # noqa: BLE001 - only an allocation failure is turned into advice

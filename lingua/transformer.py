@@ -242,9 +242,23 @@ def _xformers_available(device: torch.device) -> bool:
     return True
 
 
-def flex_block_mask(q_len: int, kv_len: int, window: Optional[int], device: torch.device):
+# torch 2.13's CPU flex kernel (AVX2 path) reads garbage for lengths that end inside a block
+# (24 or 40 tokens: errors of ~2, sometimes nan, run to run): on CPU, q and kv are padded to
+# whole blocks of this many tokens and the padded query rows dropped.
+FLEX_CPU_BLOCK = 128
+
+
+def flex_padded_lengths(q_len: int, kv_len: int, device: torch.device) -> tuple[int, int]:
+    if device.type != "cpu":
+        return q_len, kv_len
+    return tuple(-(-n // FLEX_CPU_BLOCK) * FLEX_CPU_BLOCK for n in (q_len, kv_len))
+
+
+def flex_block_mask(q_len: int, kv_len: int, window: Optional[int], device: torch.device,
+                    padded: Optional[tuple[int, int]] = None):
     """FlexAttention's block mask for causal attention (queries at the end of the keys), within
-    `window` keys when set."""
+    `window` keys when set; over `padded` (q, kv) lengths when given: a real query never
+    reaches a padded key (it lies after every real one), padded queries are dropped."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     offset = kv_len - q_len
@@ -255,7 +269,7 @@ def flex_block_mask(q_len: int, kv_len: int, window: Optional[int], device: torc
             keep = keep & (kv_idx > q_idx + offset - window)
         return keep
 
-    return create_block_mask(causal, None, None, q_len, kv_len, device=device)
+    return create_block_mask(causal, None, None, *(padded or (q_len, kv_len)), device=device)
 
 
 class FlexMasks:
@@ -268,12 +282,13 @@ class FlexMasks:
     def __init__(self):
         self.masks: dict[tuple, object] = {}
 
-    def get(self, q_len: int, kv_len: int, window: Optional[int], device: torch.device):
-        key = (q_len, kv_len, window, str(device))
+    def get(self, q_len: int, kv_len: int, window: Optional[int], device: torch.device,
+            padded: Optional[tuple[int, int]] = None):
+        key = (q_len, kv_len, window, str(device), padded)
         if key not in self.masks:
             if len(self.masks) >= self.MAX_ENTRIES:
                 self.masks.pop(next(iter(self.masks)))
-            self.masks[key] = flex_block_mask(q_len, kv_len, window, device)
+            self.masks[key] = flex_block_mask(q_len, kv_len, window, device, padded)
         return self.masks[key]
 
 
@@ -375,12 +390,20 @@ class Attention(nn.Module):
         from torch.nn.attention.flex_attention import flex_attention
 
         gqa = q.shape[1] != k.shape[1]
+        q_len, kv_len = q.shape[2], k.shape[2]
+        padded = flex_padded_lengths(q_len, kv_len, q.device)
+        if padded != (q_len, kv_len):
+            q = F.pad(q, (0, 0, 0, padded[0] - q_len))
+            k, v = (F.pad(t, (0, 0, 0, padded[1] - kv_len)) for t in (k, v))
+        else:
+            padded = None
         if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
-            mask = flex_block_mask(q.shape[2], k.shape[2], self.sliding_window, q.device)
-            return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-        # Eager flex_attention materialises the scores; compiled once it is the fused kernel.
-        mask = self.flex_masks.get(q.shape[2], k.shape[2], self.sliding_window, q.device)
-        return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+            mask = flex_block_mask(q_len, kv_len, self.sliding_window, q.device, padded)
+            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:  # eager flex_attention materialises the scores; compiled once it is the fused kernel
+            mask = self.flex_masks.get(q_len, kv_len, self.sliding_window, q.device, padded)
+            out = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+        return out[:, :, :q_len]
 
     def reset_parameters(self, init: ParamInit, init_std: float, factor: float) -> None:
         for w in (self.wq, self.wk, self.wv):

@@ -284,13 +284,15 @@ def load_config(cls: type[T], argv: Optional[list[str]] = None, config_file: boo
         raise ConfigError(f"{e}{where}") from None
 
 
-def load_params(path: str | os.PathLike, cls: type[T], section: Optional[str] = None) -> T:
+def load_params(path: Any, cls: type[T], section: Optional[str] = None) -> T:
     """`cls` from a checkpoint's params.json (or its `section`), as strictly as a config file:
     a key `cls` lacks is an error naming it. Meta Lingua's non-strict merge drops such keys, so
     a memory model's checkpoint would load as a plain model without a word."""
     import json
 
-    path = Path(path)
+    from lingua.storage import resolve  # storage imports this module
+
+    path = resolve(path)  # a path or an fsspec URL
     try:
         values = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -306,12 +308,13 @@ def load_params(path: str | os.PathLike, cls: type[T], section: Optional[str] = 
                           "know would be silently lost)") from None
 
 
-def dump_config(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
+def dump_config(obj: Any, path: Any) -> None:
+    """Write `obj` as YAML to `path`: a path, an fsspec URL or a storage path (lingua.storage)."""
+    from lingua.storage import resolve, write_text_atomic  # storage imports this module
+
+    path = resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 def cli_main(cls: type[T], argv: Optional[list[str]] = None, config_file: bool = True) -> T:

@@ -2,7 +2,8 @@
 train_state_{dp_rank:05d}.json per data-parallel rank.
 
 A save is written into `.tmp_{step}` and renamed when complete, so a crash mid-save leaves
-the previous checkpoint as the newest one; a save that fills the disk is removed and raises
+the previous checkpoint as the newest one (on an fsspec URL, which has no atomic rename, it is
+written in place and counts once its `.committed` marker exists, written last); a save that fills the disk is removed and raises
 DiskFull naming the path and the bytes it needs. Keep-N applies to dump and eval saves
 separately, `total_limit` caps the step checkpoints in all, and `checkpoints/best` (save_best)
 is a full copy of the best validated checkpoint, outside both.
@@ -34,6 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lingua.args import choice
+from lingua.storage import (
+    StoragePath, copy_dir, dcp_reader, dcp_writer, free_bytes, is_remote, move_dir, resolve, rmtree, tree_bytes,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,8 @@ STEP_DIR = re.compile(r"^\d{10}$")
 TMP_PREFIX = ".tmp_"
 BEST = "best"
 BEST_OLD = ".best_old"  # the previous best while the new one is renamed in
+BEST_INFO = "best.json"  # written last into a best copy: a best without it is incomplete
+COMMITTED = ".committed"  # a remote step checkpoint is complete once this exists
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -78,22 +85,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if _is_dist():
         dist.barrier()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _gather(obj: Any) -> list:
@@ -136,47 +127,57 @@ def _human(n: int) -> str:
     return f"{n / 2**20:.1f} MiB ({n} bytes)"
 
 
-def list_checkpoints(path: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under `path`, oldest first."""
-    path = Path(path)
+def is_complete(ckpt: StoragePath) -> bool:
+    """A step checkpoint's directory holds a whole save: locally it was renamed into place
+    complete; remotely it carries the commit marker."""
+    return not is_remote(ckpt) or (ckpt / COMMITTED).exists()
+
+
+def list_checkpoints(path: str | os.PathLike | StoragePath) -> list[StoragePath]:
+    """Complete checkpoints under `path` (a path or fsspec URL), oldest first."""
+    path = resolve(path)
     if not path.is_dir():
         return []
-    return sorted(p for p in path.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+    return sorted(p for p in path.iterdir() if STEP_DIR.match(p.name) and p.is_dir() and is_complete(p))
 
 
-def train_state_file(ckpt: Path, dp_rank: int) -> Path:
+def train_state_file(ckpt: StoragePath, dp_rank: int) -> StoragePath:
     return ckpt / f"train_state_{dp_rank:05d}.json"
 
 
 class CheckpointManager:
     def __init__(self, args: CheckpointArgs, dump_dir: str | os.PathLike, eval_enabled: bool = True):
         self.args = args
-        self.path = Path(args.path) if args.path else Path(dump_dir) / "checkpoints"
+        self.path = resolve(args.path) if args.path else resolve(dump_dir) / "checkpoints"
         # Without an eval the eval cadence saves nothing, so it must keep nothing either (its
         # defaults, every 1000 and keep all, would otherwise pin every 1000th dump).
         self.cadences = [args.dump, args.eval] if eval_enabled else [args.dump]
 
-    def existing(self) -> list[Path]:
+    def existing(self) -> list[StoragePath]:
         return list_checkpoints(self.path)
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Optional[StoragePath]:
         found = self.existing()
         return found[-1] if found else None
 
     def remove_stale_tmp(self) -> None:
-        """Half-written saves of an earlier crash: ours by name, never user files. A crash
-        between the two renames of save_best left the previous best as BEST_OLD: restore it."""
+        """Half-written saves of an earlier crash: ours by name, never user files (remotely also
+        step directories without their commit marker). A crash while save_best swapped copies
+        left the previous best as BEST_OLD: it is restored unless the new best is complete."""
         if _rank() == 0 and self.path.is_dir():
             for p in self.path.iterdir():
-                if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                stale = p.name.startswith(TMP_PREFIX) or (STEP_DIR.match(p.name) and not is_complete(p))
+                if stale and p.is_dir():
                     logger.warning("removing incomplete checkpoint %s left by an interrupted save", p)
-                    shutil.rmtree(p)
+                    rmtree(p)
             old, best = self.path / BEST_OLD, self.path / BEST
             if old.is_dir():
-                if best.exists():
-                    shutil.rmtree(old)
+                if (best / BEST_INFO).exists() or not (old / BEST_INFO).exists():
+                    rmtree(old, BEST_INFO)
                 else:
-                    os.replace(old, best)
+                    if best.exists():
+                        rmtree(best, BEST_INFO)
+                    move_dir(old, best, BEST_INFO)
         _barrier()
 
     def save(
@@ -188,18 +189,19 @@ class CheckpointManager:
         step: int,
         dp_rank: int = 0,
         write_train_state: bool = True,
-    ) -> Path:
+    ) -> StoragePath:
         """Collective: every rank calls it. `write_train_state` is False on ranks whose data-
         parallel replica already writes the same train state (tensor-parallel peers).
         Raises DiskFull (on every rank) when any rank's writes run out of space."""
         final = self.path / f"{step:010d}"
-        if final.exists():
+        if final.exists() and is_complete(final):
             logger.info("checkpoint %s already exists; not saving again", final)
             return final
-        tmp = self.path / f"{TMP_PREFIX}{step:010d}"
+        # Remotely a directory rename is a copy: write in place, commit with the marker.
+        tmp = final if is_remote(self.path) else self.path / f"{TMP_PREFIX}{step:010d}"
         if _rank() == 0:
             if tmp.exists():
-                shutil.rmtree(tmp)
+                rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
@@ -207,23 +209,23 @@ class CheckpointManager:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.save(state, checkpoint_id=str(tmp))
+                dcp.save(state, checkpoint_id=str(tmp), storage_writer=dcp_writer(tmp))
             if write_train_state:
-                _write_json(train_state_file(tmp, dp_rank), train_state)
+                write_json(train_state_file(tmp, dp_rank), train_state)
             if _rank() == 0:
-                _write_json(tmp / "params.json", params)
+                write_json(tmp / "params.json", params)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must learn of any failure
             error = e  # (DCP's CheckpointException is a BaseException)
         # One exchange instead of the barrier: a rank whose own write failed must not leave the
         # others waiting at a barrier it never reaches. Free space is read before the partial
         # save is removed: torch's writer often reports a full disk as a bare "unexpected pos".
-        free = shutil.disk_usage(self.path).free if error is not None else None
+        free = free_bytes(self.path) if error is not None else None
         failures = _gather((None if error is None else _describe(error), _state_bytes(state), free))
         if any(f[0] for f in failures):
             if _rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+                rmtree(tmp)
             _barrier()
-            needed = self._size(self.latest()) or sum(f[1] for f in failures)
+            needed = tree_bytes(self.latest()) or sum(f[1] for f in failures)
             messages = [f[0] for f in failures if f[0]]
             if any(_is_disk_full(m) for m in messages) or any(f[2] is not None and f[2] < needed for f in failures):
                 raise DiskFull(errno.ENOSPC, f"disk full (no space left on device) while saving checkpoint {final}: "
@@ -236,35 +238,33 @@ class CheckpointManager:
                 raise error
             raise RuntimeError(f"saving checkpoint {final} failed on another rank: {messages[0]}")
         if _rank() == 0:
-            os.replace(tmp, final)
+            if is_remote(final):
+                (final / COMMITTED).write_text("")
+            else:
+                os.replace(tmp, final)
             self.clean_up()
         _barrier()
         logger.info("saved checkpoint %s", final)
         return final
 
-    @staticmethod
-    def _size(ckpt: Optional[Path]) -> int:
-        if ckpt is None:
-            return 0
-        return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-
-    def save_best(self, step_ckpt: Path, info: dict) -> Path:
+    def save_best(self, step_ckpt: StoragePath, info: dict) -> StoragePath:
         """Collective. `checkpoints/best` becomes a full copy of the step checkpoint `step_ckpt`
-        plus best.json (`info`), replaced whole: the new copy is complete before the two renames.
-        The copy is of hard links where the filesystem has them: DCP and _write_json never
-        rewrite a file in place, so sharing files with the step checkpoint is safe, and free."""
+        plus best.json (`info`), replaced whole: the new copy is complete before the two moves.
+        Locally the copy is of hard links where the filesystem has them: DCP and write_json
+        never rewrite a file in place, so sharing files with the step checkpoint is safe, and
+        free. Remotely the moves are copies that write best.json last and delete it first."""
         best = self.path / BEST
         if _rank() == 0:
             tmp, old = self.path / f"{TMP_PREFIX}{BEST}", self.path / BEST_OLD
             if tmp.exists():
-                shutil.rmtree(tmp)
-            shutil.copytree(step_ckpt, tmp, copy_function=_link_or_copy)
-            _write_json(tmp / "best.json", info)
+                rmtree(tmp)
+            copy_dir(step_ckpt, tmp)
+            write_json(tmp / BEST_INFO, info)
             if best.exists():
-                os.replace(best, old)
-            os.replace(tmp, best)
+                move_dir(best, old, BEST_INFO)
+            move_dir(tmp, best, BEST_INFO)
             if old.exists():
-                shutil.rmtree(old)
+                rmtree(old, BEST_INFO)
         _barrier()
         logger.info("best checkpoint: %s (step %s, %s %.4f)", best, info.get("step"), info.get("metric"),
                     info.get("value", float("nan")))
@@ -287,10 +287,10 @@ class CheckpointManager:
             keep = set(sorted(keep)[-limit:])
         for p in found:
             if p not in keep:
-                shutil.rmtree(p)
+                rmtree(p, COMMITTED if is_remote(p) else None)
 
     def load(
-        self, ckpt: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], dp_rank: int = 0
+        self, ckpt: StoragePath, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], dp_rank: int = 0
     ) -> Optional[dict]:
         """Load model (and optimizer) state; returns this rank's train state if present."""
         load_model_and_optim(ckpt, model, optimizer)
@@ -300,8 +300,8 @@ class CheckpointManager:
         return json.loads(ts.read_text())
 
 
-def load_model_and_optim(ckpt: str | os.PathLike, model: torch.nn.Module, optimizer=None) -> None:
-    ckpt = Path(ckpt)
+def load_model_and_optim(ckpt: str | os.PathLike | StoragePath, model: torch.nn.Module, optimizer=None) -> None:
+    ckpt = resolve(ckpt)
     if not (ckpt / ".metadata").exists():
         raise FileNotFoundError(f"'{ckpt}' is not a DCP checkpoint (no .metadata file)")
     state: dict = {"model": get_model_state_dict(model)}
@@ -309,17 +309,18 @@ def load_model_and_optim(ckpt: str | os.PathLike, model: torch.nn.Module, optimi
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     with warnings.catch_warnings():  # one process without a process group is a supported case here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(ckpt))
+        dcp.load(state, checkpoint_id=str(ckpt), storage_reader=dcp_reader(ckpt))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
-def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Model weights only, from a DCP checkpoint dir or a consolidated .pth file."""
-    path = Path(path)
+def load_model_weights(path: str | os.PathLike | StoragePath, model: torch.nn.Module) -> None:
+    """Model weights only, from a DCP checkpoint dir or a consolidated .pth file (paths or URLs)."""
+    path = resolve(path)
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
         state = state.get("model", state)
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
         return
@@ -336,7 +337,9 @@ def consolidate_checkpoint(ckpt: str | os.PathLike, out_file: Optional[str | os.
     if precision not in SAVE_DTYPES:
         raise ValueError(f"checkpoint.save_precision must be one of {list(SAVE_DTYPES)}, got {precision!r}")
 
-    ckpt = Path(ckpt)
+    if is_remote(resolve(ckpt)):  # torch's converter reads through its local-filesystem reader only
+        raise ValueError(f"consolidating '{ckpt}' needs a local copy of it (e.g. `fsspec` / `aws s3 cp --recursive`)")
+    ckpt = Path(resolve(ckpt))
     if not (ckpt / ".metadata").exists():
         raise FileNotFoundError(f"'{ckpt}' is not a DCP checkpoint (no .metadata file)")
     out = Path(out_file) if out_file else ckpt / "consolidated" / "consolidated.pth"

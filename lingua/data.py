@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from lingua.args import choice
+from lingua.storage import in_process_only, is_url
 from lingua.tokenizer import Tokenizer, TokenizerArgs, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -98,11 +99,6 @@ class DataArgs:
     text_field_separator: str = "\n"
     # Not in Meta Lingua: at most this many documents of each source per epoch, over all ranks.
     num_samples: Optional[int] = None
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    """Whether `path` is an fsspec URL (`proto://...`, or a chain `a::proto://...`)."""
-    return "://" in str(path)
 
 
 def open_binary(path: str | os.PathLike) -> Any:
@@ -665,17 +661,6 @@ def warn_unequal_shares(files: dict[str, list[Path | str]], world_size: int) -> 
                 "documents of the smaller shares are seen up to %.2fx as often; chunks of equal size (as "
                 "setup/download_prepare_hf_data.py writes them) or a chunk count coprime with the world size "
                 "give equal shares", name, world_size, len(fs), imbalance, imbalance)
-
-
-def in_process_only(root_dir: str) -> bool:
-    """Whether root_dir is an fsspec filesystem held in this process's memory (`memory://`): a
-    spawned child sees it empty and a forked one a copy frozen at the fork."""
-    if not is_url(root_dir):
-        return False
-    import fsspec
-    from fsspec.implementations.memory import MemoryFileSystem
-
-    return isinstance(fsspec.core.url_to_fs(root_dir)[0], MemoryFileSystem)
 
 
 def build_data_loader(args: DataArgs, rank: int = 0, world_size: int = 1, state: Optional[dict] = None,

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from lingua.storage import StagedFile, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +102,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 class MetricLogger:
-    """Appends one flattened JSON row per call; mirrors to wandb when configured."""
+    """Appends one flattened JSON row per call; mirrors to wandb when configured. `path` may be
+    an fsspec URL: rows then reach it at each `sync()` and at close (lingua.storage.StagedFile)."""
 
-    def __init__(self, path: str | os.PathLike, wandb_kwargs: Optional[dict] = None, config: Optional[dict] = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a")
+    def __init__(self, path: Any, wandb_kwargs: Optional[dict] = None, config: Optional[dict] = None):
+        self.staged = StagedFile(resolve(path))
+        self.path = self.staged.path
+        self.file = open(self.staged.local, "a")
         self.wandb = None
         if wandb_kwargs is not None:
             try:
@@ -125,8 +126,12 @@ class MetricLogger:
         if self.wandb is not None:
             self.wandb.log(row, step=row.get("global_step"))
 
+    def sync(self) -> None:
+        self.staged.sync()
+
     def close(self) -> None:
         self.file.close()
+        self.staged.close()
         if self.wandb is not None:
             self.wandb.finish()
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from lingua.storage import local_file, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ class ProfilerArgs:
 class StepProfiler:
     """Call .step() once per training step."""
 
-    def __init__(self, args: ProfilerArgs, dump_dir: str, rank: int):
+    def __init__(self, args: ProfilerArgs, dump_dir: Any, rank: int):
         self.args, self.rank = args, rank
-        self.folder = Path(dump_dir) / args.trace_folder
+        self.folder = resolve(dump_dir) / args.trace_folder
         self.step_count = 0
         self.profiler: Optional[torch.profiler.profile] = None
         self.cuda_mem = torch.cuda.is_available()
@@ -52,7 +53,8 @@ class StepProfiler:
 
     def _save_trace(self, prof: torch.profiler.profile) -> None:
         path = self.folder / f"trace_rank{self.rank}_step{self.step_count}.json"
-        prof.export_chrome_trace(str(path))
+        with local_file(path) as name:
+            prof.export_chrome_trace(name)
         logger.info("profiler trace written to %s", path)
 
     def step(self) -> None:
@@ -64,7 +66,8 @@ class StepProfiler:
             torch.cuda.memory._record_memory_history()
         if self.cuda_mem and self.step_count == self.args.mem_warmup + self.args.mem_steps:
             path = self.folder / f"memory_rank{self.rank}_step{self.step_count}.pickle"
-            torch.cuda.memory._dump_snapshot(str(path))
+            with local_file(path) as name:
+                torch.cuda.memory._dump_snapshot(name)
             torch.cuda.memory._record_memory_history(enabled=None)
 
     def close(self) -> None:

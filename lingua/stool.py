@@ -187,6 +187,10 @@ def validate(args: StoolArgs, overrides: Optional[list[str]] = None) -> tuple[di
                                   "where stool runs)") from None
     if not config.get("dump_dir"):
         raise ConfigError(f"{args.config} has no dump_dir: the job needs one to live in (or pass dump_dir=...)")
+    if "://" in str(config["dump_dir"]):
+        raise ConfigError(f"dump_dir='{config['dump_dir']}' is an fsspec URL, but stool puts the job's code, script "
+                          "and SLURM logs in dump_dir: give it a shared filesystem path, and checkpoint.path the URL "
+                          "for the checkpoints")
     dump_dir = Path(config["dump_dir"]).resolve()
     if dump_dir.exists():
         check_existing_dump_dir(args, dump_dir)

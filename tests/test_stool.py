@@ -172,6 +172,7 @@ def test_training_overrides_follow_the_stool_keys(corpus, tmp_path):
     ("nodez=2", "unknown config key 'nodez'; did you mean 'nodes'?"),
     ("steps=many", "config key 'steps' expects an int, got 'many'"),
     ("modell.dim=8", "unknown config key 'modell.dim'; did you mean 'model'?"),
+    ("dump_dir=memory://bucket/run", "is an fsspec URL, but stool puts the job's code, script and SLURM logs"),
 ])
 def test_bad_training_override_fails_before_anything_is_written(corpus, tmp_path, override, message):
     dump = tmp_path / "run"

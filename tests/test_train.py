@@ -69,8 +69,8 @@ def test_crash_during_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypat
 
     real_save = ckpt_module.dcp.save
 
-    def crashing_save(state, checkpoint_id):
-        real_save(state, checkpoint_id=checkpoint_id)  # shards written ...
+    def crashing_save(state, **kwargs):
+        real_save(state, **kwargs)  # shards written ...
         raise OSError("disk went away")  # ... but the save never completes
 
     monkeypatch.setattr(ckpt_module.dcp, "save", crashing_save)

@@ -15,7 +15,6 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, cli_main, load_params
 from lingua.checkpoint import list_checkpoints, load_model_weights
+from lingua.storage import StoragePath, resolve
 from lingua.data import VAL_GLOB, DataArgs, DataError, encode_document, labels_from, read_documents
 from lingua.distributed import (
     WorldInfo,
@@ -65,8 +65,8 @@ class EvalArgs:
     wandb: Optional[dict] = None
 
 
-def _val_files(val: ValidationArgs, data: DataArgs) -> dict[str, Path]:
-    root = Path(val.root_dir or data.root_dir or "")
+def _val_files(val: ValidationArgs, data: DataArgs) -> dict[str, StoragePath]:
+    root = resolve(val.root_dir or data.root_dir or ".")  # a path or an fsspec URL
     names = list(val.sources) or (list(data.sources) if val.use_val_from_train_src else [])
     if not names:
         raise DataError("eval: no validation sources (set validation.sources or train with data.sources)")
@@ -94,7 +94,7 @@ def _windows(tokens: np.ndarray, mask: np.ndarray, seq_len: int) -> list[tuple[n
 def validate_file(
     model: LMTransformer,
     tokenizer: Tokenizer,
-    path: Path,
+    path: StoragePath,
     seq_len: int,
     batch_size: int,
     max_steps: Optional[int],
@@ -192,14 +192,14 @@ def run_validation(
     return results
 
 
-def load_train_config(ckpt_dir: Path) -> dict:
+def load_train_config(ckpt_dir: StoragePath) -> dict:
     params = ckpt_dir / "params.json"
     if not params.exists():
         raise FileNotFoundError(f"'{params}' not found: ckpt_dir must be a checkpoint saved by apps.main.train")
     return json.loads(params.read_text())
 
 
-def load_model_from_checkpoint(ckpt_dir: Path, device: torch.device) -> tuple[LMTransformer, Tokenizer, dict]:
+def load_model_from_checkpoint(ckpt_dir: StoragePath, device: torch.device) -> tuple[LMTransformer, Tokenizer, dict]:
     """Model with the checkpoint's weights, its tokenizer, and its training config."""
     config = load_train_config(ckpt_dir)
     # Strict: a key this code lacks (a memory layer's, say) must fail, not load a plain model.
@@ -213,9 +213,10 @@ def load_model_from_checkpoint(ckpt_dir: Path, device: torch.device) -> tuple[LM
     return model, tokenizer, config
 
 
-def resolve_ckpt_dir(path: str) -> Path:
-    """A checkpoint dir, or a dump dir / checkpoints dir (its newest checkpoint)."""
-    p = Path(path)
+def resolve_ckpt_dir(path: str) -> StoragePath:
+    """A checkpoint dir, or a dump dir / checkpoints dir (its newest checkpoint); a path or an
+    fsspec URL."""
+    p = resolve(path)
     if (p / "params.json").exists():
         return p
     for base in (p / "checkpoints", p):
@@ -254,7 +255,8 @@ def evaluate(args: EvalArgs, info: WorldInfo, device: torch.device) -> dict:
     data_args = load_params(ckpt / "params.json", DataArgs, "data")
     results = run_validation(model, tokenizer, args.validation, data_args, device, info.rank, info.world_size)
     step = args.global_step if args.global_step is not None else int(ckpt.name) if ckpt.name.isdigit() else None
-    out_dir = Path(args.metric_log_dir or args.dump_dir or ckpt.parent.parent)
+    out_dir = resolve(args.metric_log_dir or args.dump_dir) if (args.metric_log_dir or args.dump_dir) \
+        else ckpt.parent.parent
     if info.rank == 0:
         with MetricLogger(out_dir / "metrics.validation.jsonl") as m:
             m.log({"global_step": step, "checkpoint": str(ckpt), "val": results})

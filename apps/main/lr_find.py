@@ -13,14 +13,13 @@ read or written. The suggestion rule is `suggest_lr`'s docstring.
 from __future__ import annotations
 
 import difflib
+import io
 import json
 import logging
 import math
-import os
 import shlex
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -38,6 +37,7 @@ from apps.main.train import (
 )
 from apps.main.transformer import build_model
 from lingua.args import ConfigError, load_config
+from lingua.storage import StagedFile, StoragePath, resolve, write_bytes_atomic, write_text_atomic
 from lingua.data import DataError, build_data_loader
 from lingua.distributed import (
     autocast_context,
@@ -172,10 +172,19 @@ def lr_find(args: TrainArgs, find: LRFindArgs, build_model_fn: Callable = build_
         raise ConfigError(f"optim.lr must be > 0 (the lr the schedule scales), got {args.optim.lr}")
     data_and_tokenizer(args)
 
-    out_dir = Path(args.dump_dir) / "lr_find"
+    out_dir = resolve(args.dump_dir) / "lr_find"  # a path or an fsspec URL, as train's
     if world.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    init_logger(world.rank, str(out_dir / "lr_find.log") if world.rank == 0 else None)
+    log = StagedFile(out_dir / "lr_find.log") if world.rank == 0 else None
+    init_logger(world.rank, str(log.local) if log is not None else None)
+    try:
+        return _range_test(args, find, build_model_fn, world, dims, out_dir)
+    finally:
+        if log is not None:
+            log.sync()
+
+
+def _range_test(args: TrainArgs, find: LRFindArgs, build_model_fn: Callable, world, dims, out_dir) -> dict:
     device, mesh = start_processes(args, world, dims)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     torch.manual_seed(args.seed)
@@ -250,19 +259,13 @@ def lr_find(args: TrainArgs, find: LRFindArgs, build_model_fn: Callable = build_
     return result
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_report(out_dir: Path, result: dict) -> None:
+def write_report(out_dir: StoragePath, result: dict) -> None:
     """lr_find.json and lr_find.png (loss against lr, log x axis, the suggestion marked)."""
     # The object API with the Agg canvas: no pyplot, so no process-wide figure state or GUI backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    _replace_atomically(out_dir / "lr_find.json", lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+    write_text_atomic(out_dir / "lr_find.json", json.dumps(result, indent=1) + "\n")
     lrs, raw, smoothed = result["lr"], result["loss"], result["smoothed_loss"]
     s = result["suggestion"]
     fig = Figure(figsize=(7, 4.5), dpi=100)
@@ -283,7 +286,9 @@ def write_report(out_dir: Path, result: dict) -> None:
     ax.set_title(f"lr range test: {len(lrs)} steps, {result['stop']['reason']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _replace_atomically(out_dir / "lr_find.png", lambda p: fig.savefig(p, format="png"))
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_bytes_atomic(out_dir / "lr_find.png", png.getvalue())
 
 
 def main(argv: Optional[list[str]] = None) -> None:

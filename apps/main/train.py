@@ -65,6 +65,7 @@ from lingua.mhc import AMAX_WARN, amax_stats
 from lingua.optim import OptimArgs, build_optimizer, group_lrs
 from lingua.product_key.memory import auxiliary_losses
 from lingua.profiling import ProfilerArgs, maybe_profile
+from lingua.storage import StagedFile, StoragePath, check_reachable, in_process_only, is_url, resolve
 from lingua.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def is_out_of_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
-def out_of_memory_message(args: "TrainArgs", step: int, device: torch.device, last_good: Optional[Path]) -> str:
+def out_of_memory_message(args: "TrainArgs", step: int, device: torch.device, last_good: Optional[StoragePath]) -> str:
     d = args.data
     return (f"out of memory in step {step} on {device}: micro-batches of {d.batch_size} x {d.seq_len} tokens "
             f"(data.batch_size x data.seq_len), {args.grad_acc_steps} per step. To fit, lower data.batch_size "
@@ -174,7 +175,24 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
         dims = parallel_dims(args.distributed, world.world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_storage(args, eval_args, world.world_size)
     return eval_args, world, dims
+
+
+def check_storage(args: "TrainArgs", eval_args: Optional[EvalArgs], world_size: int) -> None:
+    """The URLs among the output and checkpoint paths: reachable through fsspec, visible to
+    every process, and not handed to what needs a shared filesystem (SLURM's eval jobs)."""
+    urls = {"dump_dir": args.dump_dir, "checkpoint.path": args.checkpoint.path,
+            "checkpoint.init_ckpt_path": args.checkpoint.init_ckpt_path,
+            "eval.metric_log_dir": eval_args.metric_log_dir if eval_args is not None else None}
+    for key, url in urls.items():
+        check_reachable(key, url)
+        if url and world_size > 1 and in_process_only(url):
+            raise ConfigError(f"{key}='{url}' lives in one process's memory: the other {world_size - 1} "
+                              "process(es) would not see it (memory:// is for one-process runs and tests)")
+    if args.async_eval_gpus is not None and is_url(args.dump_dir):
+        raise ConfigError(f"async_eval_gpus submits sbatch jobs that write their logs under dump_dir, which needs a "
+                          f"shared filesystem path, not the URL '{args.dump_dir}'")
 
 
 def data_and_tokenizer(args: "TrainArgs"):
@@ -332,7 +350,7 @@ class StepLedger:
         self.bad_loss = torch.where(first, result.loss.double(), self.bad_loss)
         self.bad_grad_norm = torch.where(first, result.grad_norm.double(), self.bad_grad_norm)
 
-    def settle(self, state: "TrainState", last_good: Optional[Path]) -> None:
+    def settle(self, state: "TrainState", last_good: Optional[StoragePath]) -> None:
         """Fold the trained-label count into `state`; raise NonFiniteLoss if a step was skipped."""
         bad_step = int(self.bad_step)
         if bad_step >= 0:
@@ -368,7 +386,7 @@ def hyper_connection_stats(model) -> dict[str, float]:
     return stats
 
 
-def _load_train_state(ckpt: CheckpointManager, latest: Path, model, optimizer, dp_rank: int, dp_size: int) -> TrainState:
+def _load_train_state(ckpt: CheckpointManager, latest: StoragePath, model, optimizer, dp_rank: int, dp_size: int) -> TrainState:
     saved = ckpt.load(latest, model, optimizer, dp_rank=dp_rank)
     if saved is None or saved.get("dp_size", dp_size) != dp_size:
         # Model and optimizer reshard freely (DCP); a data position does not carry over to a
@@ -381,132 +399,148 @@ def _load_train_state(ckpt: CheckpointManager, latest: Path, model, optimizer, d
     return TrainState.from_json(saved)
 
 
+def sync_outputs(*staged: Optional[StagedFile | MetricLogger]) -> None:
+    """Upload what was appended to a remote dump_dir's files since the last sync (no-op locally)."""
+    for f in staged:
+        if f is not None:
+            f.sync()
+
+
 def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState:
     eval_args, world, dims = validate_args(args)
     tokenizer = data_and_tokenizer(args)
 
-    dump_dir = Path(args.dump_dir)
+    dump_dir = resolve(args.dump_dir)  # a Path, or a lingua.storage.RemotePath for an fsspec URL
     dump_dir.mkdir(parents=True, exist_ok=True)
-    init_logger(world.rank, str(dump_dir / "train.log") if world.rank == 0 else None)
-    device, mesh = start_processes(args, world, dims)
-    dp_rank, dp_size = dp_rank_and_size(mesh)
-    if world.rank == 0:
-        dump_config(args, dump_dir / "config.yaml")
-        logger.info("%d process(es) via %s: dp_replicate=%d dp_shard=%d (memory_parallel=%d) tp=%d on %s",
-                    world.world_size, world.launcher, dims.dp_replicate, dims.dp_shard, dims.mp, dims.tp, device)
-    torch.manual_seed(args.seed)
-
-    model = setup_model(args, mesh, dims, device, build_model_fn)
-    precision = autocast_context(args.distributed, device, fsdp=dims.dp > 1)
-    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
-    ckpt = CheckpointManager(args.checkpoint, dump_dir, eval_enabled=eval_args is not None)
-    ckpt.remove_stale_tmp()
-    state = TrainState()
-    latest = ckpt.latest()
-    if latest is not None:
-        state = _load_train_state(ckpt, latest, model, optimizer, dp_rank, dp_size)
-        if state.scheduler is not None:
-            scheduler.load_state_dict(state.scheduler)
-        logger.info("resumed from %s at step %d", latest, state.step)
-    elif args.checkpoint.init_ckpt_path:
-        if args.checkpoint.continue_training_from_init:
-            load_model_and_optim(args.checkpoint.init_ckpt_path, model, optimizer)
-        else:
-            load_model_weights(args.checkpoint.init_ckpt_path, model)
-        logger.info("initialised from %s", args.checkpoint.init_ckpt_path)
-    cadence = Cadence(CadenceArgs.from_train_args(args, validates=eval_args is not None), state.cadence)
-    if state.step >= args.steps or cadence.stop_reason():
-        why = cadence.stop_reason() or f"already at step {state.step} >= steps={args.steps}"
-        logger.info("%s: nothing to do (checkpoints in %s)", why, ckpt.path)
-        return state
-
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = model.flops_per_token(args.data.seq_len)
-    peak, peak_source = peak_flops(device, training_dtype(args.distributed, device))
-    logger.info("model: %.2fM parameters (this rank), %.1f MFLOP/token; MFU against %s (%.1f GFLOP/s)",
-                n_params / 1e6, flops_per_token / 1e6, peak_source, peak / 1e9)
-    gc.disable()  # collect on our schedule: an untimely collection stalls a step
-
-    with ExitStack() as stack:
-        loader = build_data_loader(args.data, dp_rank, dp_size, state.data_loader,
-                                   start_method=loader_start_method(args.distributed))
-        stack.callback(loader.close)
-        metrics = None
+    # Appended locally; a remote dump_dir gets it at every checkpoint and validation, and when
+    # train() returns or fails (object stores cannot append).
+    train_log = StagedFile(dump_dir / "train.log") if world.rank == 0 else None
+    init_logger(world.rank, str(train_log.local) if train_log is not None else None)
+    try:
+        device, mesh = start_processes(args, world, dims)
+        dp_rank, dp_size = dp_rank_and_size(mesh)
         if world.rank == 0:
-            metrics = stack.enter_context(MetricLogger(dump_dir / "metrics.jsonl", args.logging.wandb, to_dict(args)))
-        profiler = stack.enter_context(maybe_profile(args.profiling, str(dump_dir), world.rank))
-        preemption = PreemptionSignal()
-        stack.callback(preemption.close)
-        window = ThroughputWindow(tokens_per_step=args.data.batch_size * args.data.seq_len * args.grad_acc_steps
-                                  * dp_size, flops_per_token=flops_per_token, peak=peak * world.world_size)
-        ledger = StepLedger(device)
-        model.train()
-        while state.step < args.steps:
-            window.step_started()
-            micro_batches = window.timed_data(
-                lambda: [batch_to_device(next(loader), device) for _ in range(args.grad_acc_steps)])
-            try:
-                result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh, precision)
-            except Exception as e:  # noqa: BLE001 - only an allocation failure is turned into advice
-                if not is_out_of_memory(e):
-                    raise
-                raise StepOutOfMemory(out_of_memory_message(args, state.step + 1, device, ckpt.latest())) from None
-            state.step += 1
-            ledger.record(state.step, result)
-            state.tokens_seen += window.tokens_per_step
-            window.step_done()
-            profiler.step()
-            if state.step % args.gc_collect_freq == 0:
-                gc.collect()
+            dump_config(args, dump_dir / "config.yaml")
+            logger.info("%d process(es) via %s: dp_replicate=%d dp_shard=%d (memory_parallel=%d) tp=%d on %s",
+                        world.world_size, world.launcher, dims.dp_replicate, dims.dp_shard, dims.mp, dims.tp, device)
+        torch.manual_seed(args.seed)
 
-            due = cadence.at(state.step, preemption.agreed())
-            if due.log or due.save:
-                ledger.settle(state, ckpt.latest())  # waits for the step; never save after a skipped step
-            if due.log:
-                log_step(metrics, state, result, scheduler, window, model, device)
-            new_best = False
-            if due.eval and args.async_eval_gpus is None:
-                results = validate_in_loop(model, tokenizer, eval_args, args, device, dp_rank, dp_size, dims.tp,
-                                           precision, state.step, dump_dir if world.rank == 0 else None)
-                new_best = cadence.validated(state.step, results)
-            if due.save:
-                state.data_loader = loader.state_dict()
-                state.scheduler = scheduler.state_dict()
-                state.cadence = cadence.state_dict()
-                train_state = {**state.to_json(), "dp_size": dp_size}
-                saved = ckpt.save(model, optimizer, train_state, to_dict(args), state.step, dp_rank=dp_rank,
-                                  write_train_state=tp_rank(mesh) == 0)
-                if new_best and args.checkpoint.save_best:
-                    ckpt.save_best(saved, {"step": state.step, "metric": args.early_stopping.metric,
-                                           "value": cadence.best, "checkpoint": saved.name})
-            if due.eval and args.async_eval_gpus is not None and world.rank == 0:
-                submit_async_eval(args, dump_dir, ckpt.path / f"{state.step:010d}", state.step)
-            if due.preempted:
-                state.preempted = True
-                if world.rank == 0:
-                    requeue_slurm_job()
-                break
-            state.stop_reason = cadence.stop_reason()
-            if state.stop_reason:
-                break
-            if due.save:  # keep checkpoint and eval time out of the next wps window
-                window.reset()
-    gc.enable()
-    if state.preempted:
-        logger.warning("stopped at step %d on a preemption signal; checkpoint %s", state.step, ckpt.latest())
+        model = setup_model(args, mesh, dims, device, build_model_fn)
+        precision = autocast_context(args.distributed, device, fsdp=dims.dp > 1)
+        optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
+        ckpt = CheckpointManager(args.checkpoint, dump_dir, eval_enabled=eval_args is not None)
+        ckpt.remove_stale_tmp()
+        state = TrainState()
+        latest = ckpt.latest()
+        if latest is not None:
+            state = _load_train_state(ckpt, latest, model, optimizer, dp_rank, dp_size)
+            if state.scheduler is not None:
+                scheduler.load_state_dict(state.scheduler)
+            logger.info("resumed from %s at step %d", latest, state.step)
+        elif args.checkpoint.init_ckpt_path:
+            if args.checkpoint.continue_training_from_init:
+                load_model_and_optim(args.checkpoint.init_ckpt_path, model, optimizer)
+            else:
+                load_model_weights(args.checkpoint.init_ckpt_path, model)
+            logger.info("initialised from %s", args.checkpoint.init_ckpt_path)
+        cadence = Cadence(CadenceArgs.from_train_args(args, validates=eval_args is not None), state.cadence)
+        if state.step >= args.steps or cadence.stop_reason():
+            why = cadence.stop_reason() or f"already at step {state.step} >= steps={args.steps}"
+            logger.info("%s: nothing to do (checkpoints in %s)", why, ckpt.path)
+            return state
+
+        n_params = sum(p.numel() for p in model.parameters())
+        flops_per_token = model.flops_per_token(args.data.seq_len)
+        peak, peak_source = peak_flops(device, training_dtype(args.distributed, device))
+        logger.info("model: %.2fM parameters (this rank), %.1f MFLOP/token; MFU against %s (%.1f GFLOP/s)",
+                    n_params / 1e6, flops_per_token / 1e6, peak_source, peak / 1e9)
+        gc.disable()  # collect on our schedule: an untimely collection stalls a step
+
+        with ExitStack() as stack:
+            loader = build_data_loader(args.data, dp_rank, dp_size, state.data_loader,
+                                       start_method=loader_start_method(args.distributed))
+            stack.callback(loader.close)
+            metrics = None
+            if world.rank == 0:
+                metrics = stack.enter_context(MetricLogger(dump_dir / "metrics.jsonl", args.logging.wandb, to_dict(args)))
+            profiler = stack.enter_context(maybe_profile(args.profiling, str(dump_dir), world.rank))
+            preemption = PreemptionSignal()
+            stack.callback(preemption.close)
+            window = ThroughputWindow(tokens_per_step=args.data.batch_size * args.data.seq_len * args.grad_acc_steps
+                                      * dp_size, flops_per_token=flops_per_token, peak=peak * world.world_size)
+            ledger = StepLedger(device)
+            model.train()
+            while state.step < args.steps:
+                window.step_started()
+                micro_batches = window.timed_data(
+                    lambda: [batch_to_device(next(loader), device) for _ in range(args.grad_acc_steps)])
+                try:
+                    result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh, precision)
+                except Exception as e:  # noqa: BLE001 - only an allocation failure is turned into advice
+                    if not is_out_of_memory(e):
+                        raise
+                    raise StepOutOfMemory(out_of_memory_message(args, state.step + 1, device, ckpt.latest())) from None
+                state.step += 1
+                ledger.record(state.step, result)
+                state.tokens_seen += window.tokens_per_step
+                window.step_done()
+                profiler.step()
+                if state.step % args.gc_collect_freq == 0:
+                    gc.collect()
+
+                due = cadence.at(state.step, preemption.agreed())
+                if due.log or due.save:
+                    ledger.settle(state, ckpt.latest())  # waits for the step; never save after a skipped step
+                if due.log:
+                    log_step(metrics, state, result, scheduler, window, model, device)
+                new_best = False
+                if due.eval and args.async_eval_gpus is None:
+                    results = validate_in_loop(model, tokenizer, eval_args, args, device, dp_rank, dp_size, dims.tp,
+                                               precision, state.step, dump_dir if world.rank == 0 else None)
+                    sync_outputs(train_log)
+                    new_best = cadence.validated(state.step, results)
+                if due.save:
+                    state.data_loader = loader.state_dict()
+                    state.scheduler = scheduler.state_dict()
+                    state.cadence = cadence.state_dict()
+                    train_state = {**state.to_json(), "dp_size": dp_size}
+                    saved = ckpt.save(model, optimizer, train_state, to_dict(args), state.step, dp_rank=dp_rank,
+                                      write_train_state=tp_rank(mesh) == 0)
+                    if new_best and args.checkpoint.save_best:
+                        ckpt.save_best(saved, {"step": state.step, "metric": args.early_stopping.metric,
+                                               "value": cadence.best, "checkpoint": saved.name})
+                    sync_outputs(train_log, metrics)
+                if due.eval and args.async_eval_gpus is not None and world.rank == 0:
+                    submit_async_eval(args, dump_dir, ckpt.path / f"{state.step:010d}", state.step)
+                if due.preempted:
+                    state.preempted = True
+                    if world.rank == 0:
+                        requeue_slurm_job()
+                    break
+                state.stop_reason = cadence.stop_reason()
+                if state.stop_reason:
+                    break
+                if due.save:  # keep checkpoint and eval time out of the next wps window
+                    window.reset()
+        gc.enable()
+        if state.preempted:
+            logger.warning("stopped at step %d on a preemption signal; checkpoint %s", state.step, ckpt.latest())
+            return state
+        if world.rank == 0:
+            best = ckpt.path / "best"
+            ended = f"{state.stop_reason}; stopped at step {state.step} of {args.steps}" if state.stop_reason \
+                else f"done: {state.step} steps"
+            print(f"{ended}. dump_dir: {dump_dir}\n"
+                  f"  metrics:     {dump_dir / 'metrics.jsonl'}\n"
+                  f"  checkpoint:  {ckpt.latest()}\n"
+                  + (f"  best:        {best} (step {cadence.best_step}, {args.early_stopping.metric} "
+                     f"{cadence.best:.4f})\n" if args.checkpoint.save_best and best.exists() else "")
+                  + f"next: python -m apps.main.eval ckpt_dir={dump_dir}\n"
+                  f"      python -m apps.main.generate ckpt_dir={dump_dir} prompt='def '", flush=True)
         return state
-    if world.rank == 0:
-        best = ckpt.path / "best"
-        ended = f"{state.stop_reason}; stopped at step {state.step} of {args.steps}" if state.stop_reason \
-            else f"done: {state.step} steps"
-        print(f"{ended}. dump_dir: {dump_dir}\n"
-              f"  metrics:     {dump_dir / 'metrics.jsonl'}\n"
-              f"  checkpoint:  {ckpt.latest()}\n"
-              + (f"  best:        {best} (step {cadence.best_step}, {args.early_stopping.metric} "
-                 f"{cadence.best:.4f})\n" if args.checkpoint.save_best and best.exists() else "")
-              + f"next: python -m apps.main.eval ckpt_dir={dump_dir}\n"
-              f"      python -m apps.main.generate ckpt_dir={dump_dir} prompt='def '", flush=True)
-    return state
+    finally:  # also when the run fails: its last log lines are the ones wanted
+        gc.enable()
+        sync_outputs(train_log)
 
 
 class ThroughputWindow:
@@ -567,7 +601,7 @@ def log_step(metrics: Optional[MetricLogger], state: TrainState, result: StepRes
 
 
 def validate_in_loop(model, tokenizer, eval_args: EvalArgs, args: TrainArgs, device, dp_rank: int, dp_size: int,
-                     tp: int, precision, step: int, dump_dir: Optional[Path]) -> dict:
+                     tp: int, precision, step: int, dump_dir: Optional[StoragePath]) -> dict:
     """Validation of the model being trained; dump_dir (rank 0 only) gets metrics.validation.jsonl.
     In the precision it trains in, and eagerly: its other grad mode and batch shapes would each
     compile more graphs of the blocks, up to the recompile limit, past which training runs eager."""
@@ -575,7 +609,7 @@ def validate_in_loop(model, tokenizer, eval_args: EvalArgs, args: TrainArgs, dev
         results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank, dp_size,
                                  replicas_per_shard=tp)
     if dump_dir is not None:
-        with MetricLogger(Path(eval_args.metric_log_dir or dump_dir) / "metrics.validation.jsonl") as m:
+        with MetricLogger(resolve(eval_args.metric_log_dir or dump_dir) / "metrics.validation.jsonl") as m:
             m.log({"global_step": step, "val": results})
         logger.info("validation at step %d: %s", step, {k: round(v["loss"], 4) for k, v in results.items()})
     return results

@@ -442,11 +442,12 @@ def checkpoint_each_block(model: nn.Module) -> None:
         block.forward = partial(_checkpointed_forward, block.forward)
 
 
-def _checkpointed_forward(forward: Callable, x, rope, kv_cache=None, start: int = 0):
+def _checkpointed_forward(forward: Callable, x, rope, kv_cache=None, start: int = 0, ctx=None):
     # Decoding with a KV cache and no-grad validation keep nothing for backward: plain forward.
+    # `ctx` (a segment's memory context): the recomputation writes the same update into it again.
     if torch.is_grad_enabled() and kv_cache is None:
-        return torch.utils.checkpoint.checkpoint(forward, x, rope, use_reentrant=False)
-    return forward(x, rope, kv_cache, start)
+        return torch.utils.checkpoint.checkpoint(forward, x, rope, None, 0, ctx, use_reentrant=False)
+    return forward(x, rope, kv_cache, start, ctx)
 
 
 def parallelize_model(model: nn.Module, mesh, dims: Optional[ParallelDims], args: DistributedArgs,

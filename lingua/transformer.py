@@ -21,6 +21,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from lingua.args import choice
 from lingua.mhc import HyperConnection, MHCArgs, expand_streams, reduce_streams
+from lingua.segments import SegmentContext
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +336,10 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: Optional[KVCache] = None,
         start: int = 0,
+        mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """`mask` [B, 1, S, S] bool (True = attend) replaces the causal mask: a segment's
+        document mask (lingua.segments)."""
         bsz, seqlen, _ = x.shape
         # -1 heads: under tensor parallelism this rank holds n_heads / tp of them.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
@@ -345,7 +349,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         if kv_cache is not None:
             k, v = kv_cache.update(start, k, v)
-        out = self._attend(q, k, v)
+        out = self._attend(q, k, v) if mask is None else self._attend_masked(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -368,6 +372,13 @@ class Attention(nn.Module):
             k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
             gqa = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+    def _attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        gqa = q.shape[1] != k.shape[1]
+        if gqa and not sdpa_gqa_is_fused(q.device.type, q.dtype, masked=True):
+            k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+            gqa = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def _fallback(self, why: str) -> str:
         if not self._warned_fallback:
@@ -470,11 +481,15 @@ def selective_checkpoint_context():
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block. `feed_forward` may be any module mapping [B, S, dim] -> [B, S, dim]."""
+    """Pre-norm block. `feed_forward` may be any module mapping [B, S, dim] -> [B, S, dim].
+    `memory_slots` (LM2, lingua.memory_slots) adds its read to the attention output, before the
+    FFN; it and the segment's document mask come into play when a SegmentContext is passed."""
 
-    def __init__(self, args: BaseTransformerArgs, layer_id: int, feed_forward: nn.Module, sliding_window=None):
+    def __init__(self, args: BaseTransformerArgs, layer_id: int, feed_forward: nn.Module, sliding_window=None,
+                 memory_slots: Optional[nn.Module] = None):
         super().__init__()
         self.layer_id = layer_id
+        self.memory_slots = memory_slots
         self.attention = Attention(args, sliding_window)
         self.feed_forward = feed_forward
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
@@ -490,29 +505,40 @@ class TransformerBlock(nn.Module):
             else:
                 self.mhc_block = HyperConnection(args.dim, args.mhc, args.norm_eps)
 
-    def attention_branch(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
-        return self.attention(self.attention_norm(x), rope, kv_cache, start)
+    def attention_branch(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0,
+                         ctx: Optional[SegmentContext] = None) -> torch.Tensor:
+        a = self.attention(self.attention_norm(x), rope, kv_cache, start, ctx.mask if ctx is not None else None)
+        if self.memory_slots is not None and ctx is not None:
+            a = a + self.memory_slots(x + a, ctx, self.layer_id)
+        return a
 
     def feed_forward_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.feed_forward(self.ffn_norm(x))
 
-    def forward(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0,
+                ctx: Optional[SegmentContext] = None) -> torch.Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None:
-            return checkpoint(self._forward, x, rope, use_reentrant=False, context_fn=selective_checkpoint_context)
-        return self._forward(x, rope, kv_cache, start)
+            # The recomputation writes the same memory update into ctx again: harmless, the
+            # caller took the state after the forward.
+            return checkpoint(self._forward, x, rope, None, 0, ctx, use_reentrant=False,
+                              context_fn=selective_checkpoint_context)
+        return self._forward(x, rope, kv_cache, start, ctx)
 
-    def _forward(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
+    def _forward(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0,
+                 ctx: Optional[SegmentContext] = None) -> torch.Tensor:
         """x: [B, S, dim], or [B, S, n_streams, dim] with hyper-connections."""
         if self.mhc_attention is not None:
-            x = self.mhc_attention(x, lambda h: self.attention_branch(h, rope, kv_cache, start))
+            x = self.mhc_attention(x, lambda h: self.attention_branch(h, rope, kv_cache, start, ctx))
             return self.mhc_feed_forward(x, self.feed_forward_branch)
         if self.mhc_block is not None:
-            return self.mhc_block(x, lambda h: self.block_branch(h, rope, kv_cache, start))
-        return x + self.block_branch(x, rope, kv_cache, start)
+            return self.mhc_block(x, lambda h: self.block_branch(h, rope, kv_cache, start, ctx))
+        return x + self.block_branch(x, rope, kv_cache, start, ctx)
 
-    def block_branch(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
-        """What the block adds to its input: attention, then the FFN on the updated state."""
-        a = self.attention_branch(x, rope, kv_cache, start)
+    def block_branch(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0,
+                     ctx: Optional[SegmentContext] = None) -> torch.Tensor:
+        """What the block adds to its input: attention (and memory reads), then the FFN on the
+        updated state."""
+        a = self.attention_branch(x, rope, kv_cache, start, ctx)
         return a + self.feed_forward_branch(x + a)
 
     def reset_parameters(self, init: ParamInit, init_std: float, factor: float) -> None:
@@ -524,10 +550,13 @@ class TransformerBlock(nn.Module):
         for hc in (self.mhc_attention, self.mhc_feed_forward, self.mhc_block):
             if hc is not None:
                 hc.reset_parameters(init)
+        if self.memory_slots is not None:
+            self.memory_slots.reset_parameters(init, init_std, factor)
 
 
 class BaseTransformer(nn.Module):
-    """The stack of blocks. Subclasses override `build_feed_forward` to swap a block's FFN."""
+    """The stack of blocks. Subclasses override `build_feed_forward` to swap a block's FFN and
+    `build_memory_slots` to give a block LM2 memory slots."""
 
     def __init__(self, args: BaseTransformerArgs, sliding_window: Optional[int] = None):
         super().__init__()
@@ -537,7 +566,8 @@ class BaseTransformer(nn.Module):
         self.init_base_std = args.init_base_std
         self.rope = RotaryEmbedding(head_dim, args.max_seqlen, args.rope_theta)
         self.layers = nn.ModuleList(
-            TransformerBlock(args, i, self.build_feed_forward(args, i), sliding_window) for i in range(args.n_layers)
+            TransformerBlock(args, i, self.build_feed_forward(args, i), sliding_window, self.build_memory_slots(args, i))
+            for i in range(args.n_layers)
         )
         flex_masks = FlexMasks()
         for layer in self.layers:
@@ -546,13 +576,18 @@ class BaseTransformer(nn.Module):
     def build_feed_forward(self, args: BaseTransformerArgs, layer_id: int) -> nn.Module:
         return FeedForward(args.dim, args.ffn_hidden_dim())
 
-    def forward_blocks(self, h: torch.Tensor, kv_caches: Optional[list[KVCache]] = None, start: int = 0):
-        """[B, S, dim] -> [B, S, dim]; with hyper-connections the blocks see n streams in between."""
+    def build_memory_slots(self, args: BaseTransformerArgs, layer_id: int) -> Optional[nn.Module]:
+        return None
+
+    def forward_blocks(self, h: torch.Tensor, kv_caches: Optional[list[KVCache]] = None, start: int = 0,
+                       ctx: Optional[SegmentContext] = None):
+        """[B, S, dim] -> [B, S, dim]; with hyper-connections the blocks see n streams in between.
+        `ctx`: the segment being processed and its memory state (lingua.segments)."""
         rope = self.rope(start, h.shape[1])
         if self.args.mhc.enabled:
             h = expand_streams(h, self.args.mhc.n_streams)
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, kv_caches[i] if kv_caches is not None else None, start)
+            h = layer(h, rope, kv_caches[i] if kv_caches is not None else None, start, ctx)
         return reduce_streams(h) if self.args.mhc.enabled else h
 
     def hyper_connections(self) -> list[tuple[str, HyperConnection]]:

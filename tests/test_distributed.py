@@ -101,6 +101,28 @@ def test_product_key_model_on_two_ranks_matches_one_process(single_pk, tmp_path,
     assert got["memory_stats"]["layers.1"] == pytest.approx(single_pk["memory_stats"]["layers.1"], rel=1e-9)
 
 
+# LM2 memory slots in both blocks over segments of 8; token 1 is BOS, so the random batches
+# hold documents that start mid-segment (state reset per row and per document).
+SLOTS = ["model.bos_id=1", "model.segment_length=8", "model.use_internal_memory=true", "model.memory_slots=4",
+         "model.num_mem_heads=2", "model.bptt_depth=2"]
+
+
+@pytest.fixture(scope="module")
+def single_slots(tmp_path_factory) -> dict:
+    return run_worker(tmp_path_factory.mktemp("single_slots") / "out.pt", *SLOTS)
+
+
+@pytest.mark.parametrize("layout", [["distributed.dp_shard=2"],
+                                    ["distributed.dp_shard=2", "distributed.selective_activation_checkpointing=true"],
+                                    ["distributed.dp_shard=2", "distributed.checkpoint_each_layer=true"]],
+                         ids=["fsdp", "fsdp_sac", "fsdp_full_ac"])
+def test_memory_slots_on_two_ranks_match_one_process(single_slots, tmp_path, layout):
+    got = run_worker(tmp_path / "out.pt", *SLOTS, *layout, nproc=2)
+    assert any(".memory_slots.write_q" in name for name in got["grads"][0])
+    assert all(got["grads"][0][name].abs().sum() > 0 for name in got["grads"][0] if ".memory_slots." in name)
+    assert_matches(single_slots, got)
+
+
 @pytest.mark.parametrize("layout", ["distributed.dp_shard=2", "distributed.tp_size=2"], ids=["fsdp", "tp"])
 def test_a_frozen_base_on_two_ranks_stays_bit_identical_and_matches_one_process(tmp_path, layout):
     """optim.base_model_lr=0 with a memory layer, sharded: only memory parameters get gradients

@@ -95,6 +95,9 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
         raise SystemExit("config error: ckpt_dir is required (a checkpoint dir or a training dump_dir)")
     ckpt = resolve_ckpt_dir(args.ckpt_dir)
     model, tokenizer, _ = load_model_from_checkpoint(ckpt, default_device())
+    if model.args.segment_length > 0:
+        raise SystemExit(f"error: {ckpt} is a segment model (model.segment_length={model.args.segment_length}); "
+                         "decoding with its memory is not implemented yet. apps.main.eval scores it.")
     prompts = args.prompt or [""]
     outputs = generate(model, tokenizer, prompts, args.generator)
     logger.info("sampled from %s", ckpt)

@@ -152,6 +152,7 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
             raise ConfigError(f"config key '{key}' must be >= 1, got {obj}{hint}")
     if args.data.seq_len > args.model.max_seqlen:
         raise ConfigError(f"data.seq_len={args.data.seq_len} exceeds model.max_seqlen={args.model.max_seqlen}")
+    check_memory_model(args)
     if args.probe_freq:
         logger.warning("probe_freq is set but probing is not implemented; ignoring it")
     eval_args = from_dict(EvalArgs, args.eval) if args.eval is not None else None
@@ -179,6 +180,21 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
     return eval_args, world, dims
 
 
+def check_memory_model(args: "TrainArgs") -> None:
+    """Segment and memory settings that cannot work, named before any work."""
+    m = args.model
+    try:
+        m.check_memory(bos_known=False)  # data_and_tokenizer fills bos_id
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if m.segment_length > 0 and not args.data.add_bos:
+        raise ConfigError("model.segment_length > 0 needs data.add_bos=true: memory state starts empty at every "
+                          "document's BOS, so without it documents would share memory")
+    if m.use_internal_memory and args.distributed.tp_size > 1:
+        raise ConfigError("model.use_internal_memory does not run under tensor parallelism yet (its slot "
+                          "projections are not sharded): set distributed.tp_size=1 (FSDP works)")
+
+
 def check_storage(args: "TrainArgs", eval_args: Optional[EvalArgs], world_size: int) -> None:
     """The URLs among the output and checkpoint paths: reachable through fsspec, visible to
     every process, and not handed to what needs a shared filesystem (SLURM's eval jobs)."""
@@ -204,6 +220,8 @@ def data_and_tokenizer(args: "TrainArgs"):
         args.model.vocab_size = tokenizer.n_words
     elif args.model.vocab_size < tokenizer.n_words:
         raise ConfigError(f"model.vocab_size={args.model.vocab_size} < tokenizer n_words={tokenizer.n_words}")
+    if args.model.bos_id < 0:  # segment models find documents by their BOS
+        args.model.bos_id = tokenizer.bos_id
     return tokenizer
 
 

@@ -3,6 +3,11 @@
 `LMTransformer(args)(tokens, target=labels)` returns the mean loss over labels != -100
 (`reduction="sum"`: their sum, which the training loop normalises over a whole step);
 without target it returns logits, as in Meta Lingua.
+
+With `segment_length` > 0 a window is processed segment by segment (lingua.segments): each
+segment attends within itself and within each token's document, with RoPE positions from 0,
+and the memory modules (LM2 slots: `use_internal_memory`) carry state from one segment to the
+next within a document. `segment_length` alone is the no-memory segment baseline.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lingua.data import IGNORE_INDEX
+from lingua.memory_slots import MemorySlots
 from lingua.product_key.memory import ProductKeyArgs, ProductKeyMemory, ValueTable, value_overrides
+from lingua.segments import MemoryState, SegmentContext, document_ids, split_segments
 from lingua.transformer import (
     BaseTransformer,
     BaseTransformerArgs,
@@ -33,12 +40,45 @@ class LMTransformerArgs(BaseTransformerArgs):
     weight_tying: bool = False
     sliding_window: Optional[int] = None
     productkey_args: ProductKeyArgs = field(default_factory=ProductKeyArgs)
+    # Recurrent memory (not in Meta Lingua; names as the LM2/LongMem hybrid trainer's):
+    bos_id: int = -1  # documents start at BOS; -1: the tokenizer's (train.py fills it)
+    segment_length: int = 0  # 0: the whole window at once; > 0: segments of this many tokens
+    bptt_depth: int = 0  # gradients flow through at most this many segments of state; 0: all
+    use_internal_memory: bool = False  # LM2 memory slots
+    memory_slots: int = 16  # N slots per memory block
+    num_mem_heads: int = 4
+    memory_layers: Optional[list[int]] = None  # blocks with slots; None: all (as LM2)
+
+    def check_memory(self, bos_known: bool = True) -> None:
+        """ValueError naming the model key when the segment and memory settings do not fit
+        (bos_known=False: before the tokenizer has filled bos_id)."""
+        if self.segment_length < 0 or self.bptt_depth < 0:
+            raise ValueError("model.segment_length and model.bptt_depth must be >= 0")
+        if self.use_internal_memory and self.segment_length == 0:
+            raise ValueError("model.use_internal_memory needs model.segment_length > 0: the memory is written "
+                             "after each segment")
+        if bos_known and self.segment_length > 0 and self.bos_id < 0:
+            raise ValueError("model.bos_id must be set with model.segment_length > 0 (documents start at BOS; "
+                             "train.py takes the tokenizer's)")
+        if self.segment_length > self.max_seqlen:
+            raise ValueError(f"model.segment_length={self.segment_length} exceeds model.max_seqlen={self.max_seqlen}")
+        bad = [i for i in self.memory_layers or [] if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"model.memory_layers {bad} are not blocks of a {self.n_layers}-block model")
+        if self.use_internal_memory and self.memory_slots < 1:
+            raise ValueError(f"model.memory_slots must be >= 1, got {self.memory_slots}")
+
+    def slot_layers(self) -> list[int]:
+        if not self.use_internal_memory:
+            return []
+        return sorted(set(self.memory_layers)) if self.memory_layers is not None else list(range(self.n_layers))
 
 
 class LMTransformer(BaseTransformer):
     def __init__(self, args: LMTransformerArgs):
         if args.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (train.py fills it from the tokenizer when -1)")
+        args.check_memory()
         pk = args.productkey_args
         self.memory_layers = pk.layer_ids(args.n_layers) if pk.is_enabled else []
         self.memory_values: Optional[ValueTable] = None  # the shared table, created with the first memory
@@ -58,6 +98,11 @@ class LMTransformer(BaseTransformer):
             self.memory_values = ValueTable(pk.mem_n_keys**2, pk.value_dim(args.dim), pk.peer_variant)
         return ProductKeyMemory(args.dim, pk, self.memory_values if pk.mem_share_values else None)
 
+    def build_memory_slots(self, args: LMTransformerArgs, layer_id: int) -> Optional[MemorySlots]:
+        if layer_id not in args.slot_layers():
+            return None
+        return MemorySlots(args.dim, args.memory_slots, args.num_mem_heads, args.norm_eps)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -66,12 +111,38 @@ class LMTransformer(BaseTransformer):
         start: int = 0,
         reduction: str = "mean",
     ) -> torch.Tensor:
+        if self.args.segment_length > 0:
+            if kv_caches is not None:
+                raise NotImplementedError("incremental decoding of a segment model (model.segment_length > 0) "
+                                          "is not implemented yet")
+            return self.forward_segments(tokens, target, reduction)
         h = self.forward_blocks(self.tok_embeddings(tokens), kv_caches, start)
         logits = self.output(self.norm(h))
         if target is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
                                reduction=reduction)
+
+    def forward_segments(self, tokens: torch.Tensor, target: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+        """The window segment by segment, the memory state handed along; logits, or the loss
+        over all segments (mean over the window's scored labels, or their sum)."""
+        state, logits, loss = MemoryState(), [], None
+        for segment in split_segments(document_ids(tokens, self.args.bos_id), self.args.segment_length):
+            ctx = SegmentContext(segment, state)
+            h = self.forward_blocks(self.tok_embeddings(tokens[:, segment.start : segment.end]), ctx=ctx)
+            out = self.output(self.norm(h))
+            state = ctx.next_state(self.args.bptt_depth)
+            if target is None:
+                logits.append(out)
+                continue
+            part = F.cross_entropy(out.flatten(0, 1).float(), target[:, segment.start : segment.end].flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = part if loss is None else loss + part
+        if target is None:
+            return torch.cat(logits, dim=1)
+        if reduction == "sum":
+            return loss
+        return loss / (target != IGNORE_INDEX).sum()
 
     def reset_parameters(self, init: ParamInit) -> None:
         super().reset_parameters(init)
@@ -106,7 +177,10 @@ class LMTransformer(BaseTransformer):
                            if isinstance(m, ProductKeyMemory) and counted(m.values.weight))
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (frozen components: forward only)."""
+        """Training FLOPs per token (frozen components: forward only); a segment model attends
+        within segments."""
+        if self.args.segment_length > 0:
+            seq_len = min(seq_len, self.args.segment_length)
         return matmul_flops_per_token(self.num_matmul_params(), self.args.n_layers, self.args.dim, seq_len,
                                       n_trainable=self.num_matmul_params(trainable_only=True))
 

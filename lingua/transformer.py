@@ -329,6 +329,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self._warned_fallback = False
         self.flex_masks = FlexMasks()  # BaseTransformer gives all its layers one
+        self.memory_bank: Optional[nn.Module] = None  # set by its block (LongMem, lingua.memory_bank)
+        self.layer_id = -1
 
     def forward(
         self,
@@ -336,21 +338,35 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: Optional[KVCache] = None,
         start: int = 0,
-        mask: Optional[torch.Tensor] = None,
+        ctx: Optional[SegmentContext] = None,
     ) -> torch.Tensor:
-        """`mask` [B, 1, S, S] bool (True = attend) replaces the causal mask: a segment's
-        document mask (lingua.segments)."""
+        """With `ctx` (a segment, lingua.segments) the segment's document mask replaces the
+        causal one, and a memory bank (LongMem, lingua.memory_bank) joins its retrieval."""
         bsz, seqlen, _ = x.shape
         # -1 heads: under tensor parallelism this rank holds n_heads / tp of them.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q_raw, k_raw = q, k  # the bank is position-free: it keeps and searches keys without RoPE
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         if kv_cache is not None:
             k, v = kv_cache.update(start, k, v)
-        out = self._attend(q, k, v) if mask is None else self._attend_masked(q, k, v, mask)
+        if ctx is None:
+            out = self._attend(q, k, v)
+        else:
+            out = self._attend_masked(q, k, v, ctx.mask)
+            if self.memory_bank is not None:
+                out = self._with_bank(out, q_raw.transpose(1, 2), k_raw.transpose(1, 2), v, ctx)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def _with_bank(self, local, q_raw, k_raw, v, ctx: SegmentContext) -> torch.Tensor:
+        """Joint attention over local and retrieved keys; the segment's keys go to the bank."""
+        key = ("bank", self.layer_id)
+        bank = ctx.state.get(key)
+        out = self.memory_bank.fuse(local, self.memory_bank.retrieve(q_raw, bank, ctx.segment.carried))
+        ctx.write(key, self.memory_bank.write(k_raw, v, bank, ctx))
+        return out
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         impl = self.attn_impl
@@ -486,11 +502,12 @@ class TransformerBlock(nn.Module):
     FFN; it and the segment's document mask come into play when a SegmentContext is passed."""
 
     def __init__(self, args: BaseTransformerArgs, layer_id: int, feed_forward: nn.Module, sliding_window=None,
-                 memory_slots: Optional[nn.Module] = None):
+                 memory_slots: Optional[nn.Module] = None, memory_bank: Optional[nn.Module] = None):
         super().__init__()
         self.layer_id = layer_id
         self.memory_slots = memory_slots
         self.attention = Attention(args, sliding_window)
+        self.attention.memory_bank, self.attention.layer_id = memory_bank, layer_id
         self.feed_forward = feed_forward
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -507,7 +524,7 @@ class TransformerBlock(nn.Module):
 
     def attention_branch(self, x, rope, kv_cache: Optional[KVCache] = None, start: int = 0,
                          ctx: Optional[SegmentContext] = None) -> torch.Tensor:
-        a = self.attention(self.attention_norm(x), rope, kv_cache, start, ctx.mask if ctx is not None else None)
+        a = self.attention(self.attention_norm(x), rope, kv_cache, start, ctx)
         if self.memory_slots is not None and ctx is not None:
             a = a + self.memory_slots(x + a, ctx, self.layer_id)
         return a
@@ -552,6 +569,8 @@ class TransformerBlock(nn.Module):
                 hc.reset_parameters(init)
         if self.memory_slots is not None:
             self.memory_slots.reset_parameters(init, init_std, factor)
+        if self.attention.memory_bank is not None:
+            self.attention.memory_bank.reset_parameters(init)
 
 
 class BaseTransformer(nn.Module):
@@ -566,7 +585,8 @@ class BaseTransformer(nn.Module):
         self.init_base_std = args.init_base_std
         self.rope = RotaryEmbedding(head_dim, args.max_seqlen, args.rope_theta)
         self.layers = nn.ModuleList(
-            TransformerBlock(args, i, self.build_feed_forward(args, i), sliding_window, self.build_memory_slots(args, i))
+            TransformerBlock(args, i, self.build_feed_forward(args, i), sliding_window, self.build_memory_slots(args, i),
+                             self.build_memory_bank(args, i))
             for i in range(args.n_layers)
         )
         flex_masks = FlexMasks()
@@ -577,6 +597,9 @@ class BaseTransformer(nn.Module):
         return FeedForward(args.dim, args.ffn_hidden_dim())
 
     def build_memory_slots(self, args: BaseTransformerArgs, layer_id: int) -> Optional[nn.Module]:
+        return None
+
+    def build_memory_bank(self, args: BaseTransformerArgs, layer_id: int) -> Optional[nn.Module]:
         return None
 
     def forward_blocks(self, h: torch.Tensor, kv_caches: Optional[list[KVCache]] = None, start: int = 0,

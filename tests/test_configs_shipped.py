@@ -41,5 +41,7 @@ def test_shipped_config_loads_strictly_and_says_how_to_run_it(path, monkeypatch)
     eval_args, info, _ = validate_args(args)  # its `eval` section too, strictly, into EvalArgs
     assert info.world_size == world and (eval_args is None) == (args.eval is None)
     args.model.vocab_size = 32000  # set from the tokenizer at run time
+    if args.model.bos_id < 0:
+        args.model.bos_id = 1  # so is the BOS that segment models find documents by
     with torch.device("meta"):
         LMTransformer(args.model)  # layer ids, head and memory shapes are consistent

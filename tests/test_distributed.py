@@ -101,26 +101,33 @@ def test_product_key_model_on_two_ranks_matches_one_process(single_pk, tmp_path,
     assert got["memory_stats"]["layers.1"] == pytest.approx(single_pk["memory_stats"]["layers.1"], rel=1e-9)
 
 
-# LM2 memory slots in both blocks over segments of 8; token 1 is BOS, so the random batches
-# hold documents that start mid-segment (state reset per row and per document).
-SLOTS = ["model.bos_id=1", "model.segment_length=8", "model.use_internal_memory=true", "model.memory_slots=4",
-         "model.num_mem_heads=2", "model.bptt_depth=2"]
+# Memory over segments of 8; token 1 is BOS, so the random batches hold documents that start
+# mid-segment (state reset per row and per document). LM2 slots in both blocks, the LongMem
+# bank in block 1, or both (the hybrid).
+SEGMENTS = ["model.bos_id=1", "model.segment_length=8", "model.bptt_depth=2"]
+SLOTS = ["model.use_internal_memory=true", "model.memory_slots=4", "model.num_mem_heads=2"]
+BANK = ["model.use_external_memory=true", "model.external_memory_size=16", "model.chunk_size=4",
+        "model.retrieval_k=8", "model.retrieval_layer_index=1"]
+MEMORIES = {"slots": SEGMENTS + SLOTS, "bank": SEGMENTS + BANK, "hybrid": SEGMENTS + SLOTS + BANK}
 
 
 @pytest.fixture(scope="module")
-def single_slots(tmp_path_factory) -> dict:
-    return run_worker(tmp_path_factory.mktemp("single_slots") / "out.pt", *SLOTS)
+def single_memory(tmp_path_factory) -> dict:
+    return {kind: run_worker(tmp_path_factory.mktemp(f"single_{kind}") / "out.pt", *overrides)
+            for kind, overrides in MEMORIES.items()}
 
 
-@pytest.mark.parametrize("layout", [["distributed.dp_shard=2"],
-                                    ["distributed.dp_shard=2", "distributed.selective_activation_checkpointing=true"],
-                                    ["distributed.dp_shard=2", "distributed.checkpoint_each_layer=true"]],
-                         ids=["fsdp", "fsdp_sac", "fsdp_full_ac"])
-def test_memory_slots_on_two_ranks_match_one_process(single_slots, tmp_path, layout):
-    got = run_worker(tmp_path / "out.pt", *SLOTS, *layout, nproc=2)
-    assert any(".memory_slots.write_q" in name for name in got["grads"][0])
-    assert all(got["grads"][0][name].abs().sum() > 0 for name in got["grads"][0] if ".memory_slots." in name)
-    assert_matches(single_slots, got)
+@pytest.mark.parametrize("kind, layout", [
+    ("slots", ["distributed.dp_shard=2"]),
+    ("bank", ["distributed.dp_shard=2"]),
+    ("hybrid", ["distributed.dp_shard=2", "distributed.selective_activation_checkpointing=true"]),
+    ("hybrid", ["distributed.dp_shard=2", "distributed.checkpoint_each_layer=true"]),
+], ids=["slots_fsdp", "bank_fsdp", "hybrid_fsdp_sac", "hybrid_fsdp_full_ac"])
+def test_memory_models_on_two_ranks_match_one_process(single_memory, tmp_path, kind, layout):
+    got = run_worker(tmp_path / "out.pt", *MEMORIES[kind], *layout, nproc=2)
+    memory = [name for name in got["grads"][0] if ".memory_slots." in name or ".memory_bank." in name]
+    assert memory and all(got["grads"][0][name].abs().sum() > 0 for name in memory), memory
+    assert_matches(single_memory[kind], got)
 
 
 @pytest.mark.parametrize("layout", ["distributed.dp_shard=2", "distributed.tp_size=2"], ids=["fsdp", "tp"])

@@ -190,9 +190,10 @@ def check_memory_model(args: "TrainArgs") -> None:
     if m.segment_length > 0 and not args.data.add_bos:
         raise ConfigError("model.segment_length > 0 needs data.add_bos=true: memory state starts empty at every "
                           "document's BOS, so without it documents would share memory")
-    if m.use_internal_memory and args.distributed.tp_size > 1:
-        raise ConfigError("model.use_internal_memory does not run under tensor parallelism yet (its slot "
-                          "projections are not sharded): set distributed.tp_size=1 (FSDP works)")
+    for key in ("use_internal_memory", "use_external_memory"):
+        if getattr(m, key) and args.distributed.tp_size > 1:
+            raise ConfigError(f"model.{key} does not run under tensor parallelism yet (the memory's heads and "
+                              "projections are not sharded): set distributed.tp_size=1 (FSDP works)")
 
 
 def check_storage(args: "TrainArgs", eval_args: Optional[EvalArgs], world_size: int) -> None:

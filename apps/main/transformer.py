@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lingua.data import IGNORE_INDEX
+from lingua.memory_bank import MemoryBank
 from lingua.memory_slots import MemorySlots
 from lingua.product_key.memory import ProductKeyArgs, ProductKeyMemory, ValueTable, value_overrides
 from lingua.segments import MemoryState, SegmentContext, document_ids, split_segments
@@ -48,15 +49,33 @@ class LMTransformerArgs(BaseTransformerArgs):
     memory_slots: int = 16  # N slots per memory block
     num_mem_heads: int = 4
     memory_layers: Optional[list[int]] = None  # blocks with slots; None: all (as LM2)
+    use_external_memory: bool = False  # LongMem bank (FAISS)
+    external_memory_size: int = 65536  # tokens kept per document (FIFO)
+    chunk_size: int = 4  # tokens per bank entry (keyed by their mean key)
+    retrieval_k: int = 64  # tokens retrieved per query, in chunks of chunk_size
+    retrieval_layer_index: Optional[int] = None  # the block whose keys/values are cached; None: n_layers // 2
+    use_gpu_to_search: bool = False  # faiss-gpu's index when on a GPU
 
     def check_memory(self, bos_known: bool = True) -> None:
         """ValueError naming the model key when the segment and memory settings do not fit
         (bos_known=False: before the tokenizer has filled bos_id)."""
         if self.segment_length < 0 or self.bptt_depth < 0:
             raise ValueError("model.segment_length and model.bptt_depth must be >= 0")
-        if self.use_internal_memory and self.segment_length == 0:
-            raise ValueError("model.use_internal_memory needs model.segment_length > 0: the memory is written "
-                             "after each segment")
+        for key in ("use_internal_memory", "use_external_memory"):
+            if getattr(self, key) and self.segment_length == 0:
+                raise ValueError(f"model.{key} needs model.segment_length > 0: the memory is written after each "
+                                 "segment")
+        if self.use_external_memory:
+            c = self.chunk_size
+            if c < 1 or self.segment_length % c:
+                raise ValueError(f"model.chunk_size={c} must divide model.segment_length={self.segment_length}")
+            for key in ("external_memory_size", "retrieval_k"):
+                if getattr(self, key) < c or getattr(self, key) % c:
+                    raise ValueError(f"model.{key}={getattr(self, key)} must be a positive multiple of "
+                                     f"model.chunk_size={c}")
+            if not 0 <= self.bank_layer() < self.n_layers:
+                raise ValueError(f"model.retrieval_layer_index={self.retrieval_layer_index} is not a block of a "
+                                 f"{self.n_layers}-block model")
         if bos_known and self.segment_length > 0 and self.bos_id < 0:
             raise ValueError("model.bos_id must be set with model.segment_length > 0 (documents start at BOS; "
                              "train.py takes the tokenizer's)")
@@ -67,6 +86,9 @@ class LMTransformerArgs(BaseTransformerArgs):
             raise ValueError(f"model.memory_layers {bad} are not blocks of a {self.n_layers}-block model")
         if self.use_internal_memory and self.memory_slots < 1:
             raise ValueError(f"model.memory_slots must be >= 1, got {self.memory_slots}")
+
+    def bank_layer(self) -> int:
+        return self.n_layers // 2 if self.retrieval_layer_index is None else self.retrieval_layer_index
 
     def slot_layers(self) -> list[int]:
         if not self.use_internal_memory:
@@ -102,6 +124,13 @@ class LMTransformer(BaseTransformer):
         if layer_id not in args.slot_layers():
             return None
         return MemorySlots(args.dim, args.memory_slots, args.num_mem_heads, args.norm_eps)
+
+    def build_memory_bank(self, args: LMTransformerArgs, layer_id: int) -> Optional[MemoryBank]:
+        if not args.use_external_memory or layer_id != args.bank_layer():
+            return None
+        n_heads, n_kv_heads, head_dim = args.resolved_heads()
+        return MemoryBank(n_heads, n_kv_heads, head_dim, args.external_memory_size, args.chunk_size,
+                          args.retrieval_k, args.use_gpu_to_search)
 
     def forward(
         self,

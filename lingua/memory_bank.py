@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lingua.segments import SegmentContext
@@ -167,9 +168,13 @@ class MemoryBank(nn.Module):
         document appended, chunk by chunk (FIFO); a row whose last document began here starts
         a new bank."""
         seg = ctx.segment
-        B, H, L, D = k.shape
         c = self.chunk_size
-        k, v = k.detach(), v.detach()
+        k, v, last_doc = k.detach(), v.detach(), seg.last_doc
+        pad = -k.shape[2] % c  # a window's last segment may be shorter: pad it with invalid tokens
+        if pad:
+            k, v = (F.pad(t, (0, 0, 0, pad)) for t in (k, v))
+            last_doc = F.pad(last_doc, (0, pad), value=False)
+        B, H, L, D = k.shape
         if bank is None:
             bank = BankState.empty(B, H, self.capacity_chunks, c, D, k)
         keep = seg.continues.clone()
@@ -177,7 +182,7 @@ class MemoryBank(nn.Module):
         token_valid = bank.token_valid & keep[:, None, None]
         new_k = k.view(B, H, L // c, c, D)
         new_v = v.view(B, H, L // c, c, D)
-        new_valid = seg.last_doc.view(B, L // c, c)
+        new_valid = last_doc.view(B, L // c, c)
         has_any = new_valid.any(dim=-1)  # [B, L//c]: chunks holding a token of the document
         mean = (new_k * new_valid[:, None, :, :, None]).sum(3) / new_valid.sum(-1).clamp(min=1)[:, None, :, None]
         keys, values, chunk_keys = bank.keys.clone(), bank.values.clone(), bank.chunk_keys.clone()

@@ -86,7 +86,8 @@ class MemorySlots(nn.Module):
         else:  # a document that starts in this segment reads the initial slots, not its predecessor's
             out = torch.where(seg.carried[..., None], self.read(h, carried), self.read(h, initial))
             before = select_rows(seg.continues, carried, initial)
-        ctx.write(layer_id, self.write(h, before, seg.last_doc))
+        if ctx.writes:
+            ctx.write(layer_id, self.write(h, before, seg.last_doc))
         return out
 
     def reset_parameters(self, init, init_std: float, factor: float = 1.0) -> None:

@@ -78,10 +78,10 @@ class MemoryState:
     state block i's module wrote (None before its first write). Detached every `bptt_depth`
     segments, so gradients flow through at most that many segments of state."""
 
-    layers: dict[int, Any] = field(default_factory=dict)
+    layers: dict[Any, Any] = field(default_factory=dict)
 
-    def get(self, layer_id: int) -> Any:
-        return self.layers.get(layer_id)
+    def get(self, key: Any) -> Any:
+        return self.layers.get(key)
 
     def detached(self) -> "MemoryState":
         return MemoryState({k: _detach(v) for k, v in self.layers.items()})
@@ -107,13 +107,17 @@ class SegmentContext:
     arguments with dataclasses.replace (torch.distributed.utils._apply_to_tensors) when grad is
     enabled, so the blocks would write their updates into a copy and the state would be lost."""
 
-    def __init__(self, segment: Segment, state: MemoryState):
+    def __init__(self, segment: Segment, state: MemoryState, mask: Optional[torch.Tensor] = None,
+                 writes: bool = True):
         self.segment, self.state = segment, state
-        self.updates: dict[int, Any] = {}
-        self.mask = segment.attention_mask()  # made once for all blocks
+        self.updates: dict[Any, Any] = {}
+        # Made once for all blocks; decoding passes its own (one query against the cached keys).
+        self.mask = segment.attention_mask() if mask is None else mask
+        # False while decoding inside a segment: its memory is written once the segment is full.
+        self.writes = writes
 
-    def write(self, layer_id: int, value: Any) -> None:
-        self.updates[layer_id] = value
+    def write(self, key: Any, value: Any) -> None:
+        self.updates[key] = value
 
     def next_state(self, bptt_depth: int) -> MemoryState:
         """The state after this segment; detached at the end of every `bptt_depth` segments."""

@@ -365,7 +365,8 @@ class Attention(nn.Module):
         key = ("bank", self.layer_id)
         bank = ctx.state.get(key)
         out = self.memory_bank.fuse(local, self.memory_bank.retrieve(q_raw, bank, ctx.segment.carried))
-        ctx.write(key, self.memory_bank.write(k_raw, v, bank, ctx))
+        if ctx.writes:
+            ctx.write(key, self.memory_bank.write(k_raw, v, bank, ctx))
         return out
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

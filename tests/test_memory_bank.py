@@ -150,3 +150,25 @@ def test_hybrid_training_resumes_exactly(corpus, tmp_path, monkeypatch):
     train(args(tmp_path / "cut"))
     losses = read_losses(tmp_path / "whole")
     assert read_losses(tmp_path / "cut") == losses and len(losses) == 8
+
+
+@pytest.mark.parametrize("kind", ["slots", "bank", "hybrid"])
+def test_decoding_with_memory_equals_the_full_forward(kind):
+    """Greedy tokens from the segment decoder (KV cache within a segment, memory across) are
+    the full forward's argmax at every position, over several segments and a document start."""
+    extra = {"slots": dict(use_external_memory=False, use_internal_memory=True, memory_slots=4, num_mem_heads=2),
+             "bank": {}, "hybrid": dict(use_internal_memory=True, memory_slots=4, num_mem_heads=2)}[kind]
+    model = _model(**extra)
+    prompt = _tokens(5, (1, 11))
+    prompt[0, 6] = BOS  # a second document starts inside the prompt
+    decoder = model.new_segment_decoder(1)
+    logits = decoder.feed(prompt)
+    seq = prompt
+    for _ in range(21):  # past two segment boundaries (8, 16, 24, 32)
+        nxt = logits.argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+        logits = decoder.feed(nxt)
+        full = model(seq)
+        assert torch.allclose(full[:, -1], logits, atol=1e-9), f"decoder logits differ at length {seq.shape[1]}"
+    full = model(seq)
+    assert torch.equal(full[0, prompt.shape[1] - 1 : -1].argmax(-1), seq[0, prompt.shape[1]:])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, cli_main, load_params
+from apps.main.pairs import PairsArgs, evaluate_pairs
 from lingua.checkpoint import list_checkpoints, load_model_weights
 from lingua.storage import StoragePath, resolve
 from lingua.data import VAL_GLOB, DataArgs, DataError, encode_document, labels_from, read_documents
@@ -60,6 +61,7 @@ class EvalArgs:
     ckpt_dir: str = ""
     global_step: Optional[int] = None
     validation: ValidationArgs = field(default_factory=ValidationArgs)
+    pairs: PairsArgs = field(default_factory=PairsArgs)  # input/output pairs: loss, exact match, ROUGE-L
     generator: Optional[dict] = None  # accepted for Meta Lingua configs; sampling is apps.main.generate
     harness: Optional[dict] = None  # lm-eval tasks; not run by this command yet
     wandb: Optional[dict] = None
@@ -117,7 +119,12 @@ def validate_file(
     for doc_idx, segments in enumerate(read_documents(path, text_field=text_field, separator=separator)):
         if doc_idx % world_size != rank:
             continue
-        doc_pieces = _windows(*encode_document(tokenizer, segments, add_bos, add_eos), seq_len)
+        tokens, mask = encode_document(tokenizer, segments, add_bos, add_eos)
+        # A segment model scores a document whole: its memory carries across the segments, as
+        # at inference; a plain model in windows of seq_len.
+        window = seq_len if getattr(model, "args", None) is None or model.args.segment_length == 0 \
+            else max(seq_len, len(tokens))
+        doc_pieces = _windows(tokens, mask, window)
         # A document counts (its bytes for bpb) only if all of its windows are scored.
         if max_steps is not None and n_docs and len(pieces) + len(doc_pieces) > max_steps * batch_size:
             break
@@ -263,7 +270,19 @@ def evaluate(args: EvalArgs, info: WorldInfo, device: torch.device) -> dict:
         for name, r in results.items():
             logger.info("%s: loss %.4f  bpb %.4f over %d docs", name, r["loss"], r["bpb"], r["docs"])
         logger.info("validation metrics appended to %s", out_dir / "metrics.validation.jsonl")
+    if args.pairs.path:
+        pairs = evaluate_pairs(model, tokenizer, args.pairs, data_args, device, info.rank, info.world_size)
+        if info.rank == 0:
+            log_pairs(out_dir, step, str(ckpt), args.pairs.path, pairs)
+        results = {**results, "pairs": pairs}
     return results
+
+
+def log_pairs(out_dir, step: Optional[int], ckpt: str, path: str, pairs: dict) -> None:
+    with MetricLogger(out_dir / "metrics.eval.jsonl") as m:
+        m.log({"global_step": step, "checkpoint": ckpt, "pairs_path": path, "pairs": pairs})
+    logger.info("pairs %s: loss %.4f  exact match %.3f  ROUGE-L %.3f over %d pairs (metrics.eval.jsonl)", path,
+                pairs["loss"], pairs["exact_match"], pairs["rouge_l"], pairs["pairs"])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Sampling from a checkpoint with a KV cache: prefill the prompt once, then one token per
-step. Temperature 0 is greedy; top-k and top-p filter before sampling.
+step. Temperature 0 is greedy; top-k and top-p filter before sampling. A segment model (memory
+slots, memory bank) decodes with its memory (LMTransformer.new_segment_decoder).
 
     python -m apps.main.generate ckpt_dir=./dump/debug prompt='def ' max_gen_len=200 temperature=0.8
 """
@@ -65,10 +66,18 @@ def generate(model: LMTransformer, tokenizer: Tokenizer, prompts: list[str], arg
     max_tokens = min(args.max_tokens or model.args.max_seqlen, model.args.max_seqlen)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     outputs = []
+    segmented = model.args.segment_length > 0
+    if segmented:  # positions restart in every segment: only max_tokens bounds the length
+        max_tokens = args.max_tokens or 1 << 30
     for prompt in prompts:
         tokens = tokenizer.encode(prompt, add_bos=True, add_eos=False)[-(max_tokens - 1) :]
-        caches = model.new_kv_caches(1, max_tokens)
-        logits = model(torch.tensor([tokens], device=device), kv_caches=caches, start=0)[:, -1]
+        if segmented:  # the memory is built from the prompt's segments, then carried on
+            decoder = model.new_segment_decoder(1)
+            step = lambda t, pos: decoder.feed(t)  # noqa: E731
+        else:
+            caches = model.new_kv_caches(1, max_tokens)
+            step = lambda t, pos: model(t, kv_caches=caches, start=pos)[:, -1]  # noqa: E731
+        logits = step(torch.tensor([tokens], device=device), 0)
         generated: list[int] = []
         pos = len(tokens)
         while len(generated) < args.max_gen_len and pos < max_tokens:
@@ -78,7 +87,7 @@ def generate(model: LMTransformer, tokenizer: Tokenizer, prompts: list[str], arg
             generated.append(nxt)
             if args.until and any(u in tokenizer.decode(generated) for u in args.until):
                 break
-            logits = model(torch.tensor([[nxt]], device=device), kv_caches=caches, start=pos)[:, -1]
+            logits = step(torch.tensor([[nxt]], device=device), pos)
             pos += 1
         text = tokenizer.decode(generated)
         for u in args.until:
@@ -95,9 +104,6 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
         raise SystemExit("config error: ckpt_dir is required (a checkpoint dir or a training dump_dir)")
     ckpt = resolve_ckpt_dir(args.ckpt_dir)
     model, tokenizer, _ = load_model_from_checkpoint(ckpt, default_device())
-    if model.args.segment_length > 0:
-        raise SystemExit(f"error: {ckpt} is a segment model (model.segment_length={model.args.segment_length}); "
-                         "decoding with its memory is not implemented yet. apps.main.eval scores it.")
     prompts = args.prompt or [""]
     outputs = generate(model, tokenizer, prompts, args.generator)
     logger.info("sampled from %s", ckpt)

@@ -20,7 +20,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from apps.main.eval import EvalArgs, run_validation
+from apps.main.eval import EvalArgs, log_pairs, run_validation
+from apps.main.pairs import evaluate_pairs
 from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs, build_model
 from lingua.args import ConfigError, cli_main, dump_config, from_dict, to_dict
 from lingua.cadence import Cadence, CadenceArgs, EarlyStoppingArgs, check_metric
@@ -177,6 +178,10 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_storage(args, eval_args, world.world_size)
+    if in_loop_eval and eval_args.pairs.path and world.world_size > 1:
+        raise ConfigError("eval.pairs.path in the training loop runs on one process (each pair generates a "
+                          "different number of tokens, which a sharded model cannot follow): evaluate the "
+                          "checkpoints with `python -m apps.main.eval ckpt_dir=... pairs.path=...` instead")
     return eval_args, world, dims
 
 
@@ -631,6 +636,10 @@ def validate_in_loop(model, tokenizer, eval_args: EvalArgs, args: TrainArgs, dev
         with MetricLogger(resolve(eval_args.metric_log_dir or dump_dir) / "metrics.validation.jsonl") as m:
             m.log({"global_step": step, "val": results})
         logger.info("validation at step %d: %s", step, {k: round(v["loss"], 4) for k, v in results.items()})
+    if eval_args.pairs.path:  # one process only (validate_args): generation lengths differ per pair
+        with precision(), torch.compiler.set_stance("force_eager"):
+            pairs = evaluate_pairs(model, tokenizer, eval_args.pairs, args.data, device)
+        log_pairs(resolve(eval_args.metric_log_dir or dump_dir), step, f"step {step}", eval_args.pairs.path, pairs)
     return results
 
 

@@ -142,8 +142,8 @@ class LMTransformer(BaseTransformer):
     ) -> torch.Tensor:
         if self.args.segment_length > 0:
             if kv_caches is not None:
-                raise NotImplementedError("incremental decoding of a segment model (model.segment_length > 0) "
-                                          "is not implemented yet")
+                raise ValueError("a segment model (model.segment_length > 0) decodes with new_segment_decoder(), "
+                                 "not kv_caches: its memory is part of the decoding state")
             return self.forward_segments(tokens, target, reduction)
         h = self.forward_blocks(self.tok_embeddings(tokens), kv_caches, start)
         logits = self.output(self.norm(h))
@@ -172,6 +172,9 @@ class LMTransformer(BaseTransformer):
         if reduction == "sum":
             return loss
         return loss / (target != IGNORE_INDEX).sum()
+
+    def new_segment_decoder(self, batch: int) -> "SegmentDecoder":
+        return SegmentDecoder(self, batch)
 
     def reset_parameters(self, init: ParamInit) -> None:
         super().reset_parameters(init)
@@ -221,3 +224,63 @@ def build_model(args: LMTransformerArgs, device: torch.device | str = "cpu") -> 
     if torch.device(device).type != "meta":
         model.reset_parameters(ParamInit(args.seed))
     return model
+
+
+class SegmentDecoder:
+    """Incremental decoding of a segment model with its memory: the tokens of the current
+    segment go through a KV cache (positions from 0 in each segment, as in training), reading
+    the memory that earlier segments wrote; when a segment is full it runs once more whole to
+    write its memory update, exactly as training does, and the cache starts over. The logits
+    equal those of forward_segments over the whole sequence."""
+
+    def __init__(self, model: LMTransformer, batch: int):
+        self.model, self.batch = model, batch
+        self.L, self.bos = model.args.segment_length, model.args.bos_id
+        self.state = MemoryState()
+        device = model.output.weight.device
+        self.carry_doc = torch.full((batch,), -1, dtype=torch.long, device=device)  # the state's document
+        self.n_bos = torch.zeros(batch, dtype=torch.long, device=device)  # documents begun so far, per row
+        self.index = 0  # segments completed
+        self.tokens: list[torch.Tensor] = []  # this segment's tokens so far, [B, 1] each
+        self.docs: list[torch.Tensor] = []
+        self.caches = model.new_kv_caches(batch, self.L)
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens [B, n]; returns the logits [B, V] after the last of them."""
+        logits = None
+        for t in range(tokens.shape[1]):
+            logits = self._step(tokens[:, t : t + 1])
+        return logits
+
+    def _step(self, token: torch.Tensor) -> torch.Tensor:
+        from lingua.segments import Segment
+
+        self.n_bos = self.n_bos + (token[:, 0] == self.bos)
+        doc = self.n_bos[:, None].clone()  # document_ids of this position: BOS count so far
+        pos = len(self.tokens)
+        self.tokens.append(token)
+        self.docs.append(doc)
+        seg_docs = torch.cat(self.docs, dim=1)
+        seg = Segment(self.index, pos, pos + 1, doc, carried=doc == self.carry_doc[:, None],
+                      continues=doc[:, 0] == self.carry_doc, last_doc=torch.ones_like(doc, dtype=torch.bool))
+        mask = (seg_docs == doc)[:, None, None, :]  # [B, 1, 1, pos + 1]: the token's own document only
+        ctx = SegmentContext(seg, self.state, mask=mask, writes=False)
+        h = self.model.forward_blocks(self.model.tok_embeddings(token), self.caches, start=pos, ctx=ctx)
+        logits = self.model.output(self.model.norm(h))[:, -1]
+        if pos + 1 == self.L:
+            self._complete_segment()
+        return logits
+
+    def _complete_segment(self) -> None:
+        """Write the full segment's memory update as training does; start a new segment."""
+        tokens, docs = torch.cat(self.tokens, dim=1), torch.cat(self.docs, dim=1)
+        segment = next(split_segments(docs, self.L, self.carry_doc))
+        segment.index = self.index
+        ctx = SegmentContext(segment, self.state)
+        self.model.forward_blocks(self.model.tok_embeddings(tokens), ctx=ctx)
+        self.state = ctx.next_state(0)
+        self.carry_doc = docs[:, -1]
+        self.index += 1
+        self.tokens, self.docs = [], []
+        self.caches = self.model.new_kv_caches(self.batch, self.L)

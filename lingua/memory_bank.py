@@ -11,6 +11,12 @@ retrieved keys, out = W_o[(1 - sigmoid(g_h)) A_loc V + sigmoid(g_h) A_mem V_mem]
 initialised 0 (half and half). A token with nothing to retrieve (the window's first segment, a
 document that starts in this segment) attends locally only.
 
+`external_memory_grad=true` lets gradients reach the cached keys and values within the window
+(truncated every bptt_depth segments, like the rest of the state). LongMem detaches them: its
+keys come from a frozen pretrained backbone and are searchable as they are. Trained from
+scratch, detached keys never learn to be found: on apps.bench.recall the detached bank stays at
+chance while the trained-through one reaches 1.0 (README, Status).
+
 Unlike the reference code: one bank per row and per document (never shared across the batch);
 only the row's own document's tokens are written (no padding, no other document); eviction
 removes exactly what the FIFO overflows by; the CPU path is the tested one (faiss-cpu), the GPU
@@ -56,7 +62,8 @@ class BankState:
 
     keys, values [B, Hkv, C, chunk, D] (C = capacity in chunks), token_valid [B, C, chunk],
     chunk_keys [B, Hkv, C, D] (the mean valid key of each chunk), n_chunks [B] (filled, oldest
-    first). Everything is detached: the bank is a cache, not a path for gradients."""
+    first). Detached (LongMem) unless the bank is trained through (external_memory_grad), then
+    truncated with the rest of the state every bptt_depth segments."""
 
     def __init__(self, keys, values, token_valid, chunk_keys, n_chunks):
         self.keys, self.values, self.token_valid = keys, values, token_valid
@@ -70,7 +77,8 @@ class BankState:
                    torch.zeros(batch, dtype=torch.long, device=like.device))
 
     def detached(self) -> "BankState":
-        return self  # holds detached tensors only
+        return BankState(self.keys.detach(), self.values.detach(), self.token_valid, self.chunk_keys.detach(),
+                         self.n_chunks)
 
     def n_tokens(self) -> torch.Tensor:
         return self.token_valid.sum(dim=(1, 2))
@@ -120,12 +128,13 @@ class MemoryBank(nn.Module):
     optim_component = "memory"
 
     def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, external_memory_size: int, chunk_size: int,
-                 retrieval_k: int, use_gpu_to_search: bool = False):
+                 retrieval_k: int, use_gpu_to_search: bool = False, grad: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.chunk_size, self.retrieval_k = chunk_size, retrieval_k
         self.capacity_chunks = external_memory_size // chunk_size
         self.use_gpu_to_search = use_gpu_to_search
+        self.grad = grad  # gradients reach the cached keys and values (within the window)
         self.gate = nn.Parameter(torch.zeros(n_heads))
 
     def reset_parameters(self, init) -> None:
@@ -169,7 +178,9 @@ class MemoryBank(nn.Module):
         a new bank."""
         seg = ctx.segment
         c = self.chunk_size
-        k, v, last_doc = k.detach(), v.detach(), seg.last_doc
+        if not self.grad:  # LongMem: the bank is a cache, not a path for gradients
+            k, v = k.detach(), v.detach()
+        last_doc = seg.last_doc
         pad = -k.shape[2] % c  # a window's last segment may be shorter: pad it with invalid tokens
         if pad:
             k, v = (F.pad(t, (0, 0, 0, pad)) for t in (k, v))

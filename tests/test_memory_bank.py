@@ -172,3 +172,30 @@ def test_decoding_with_memory_equals_the_full_forward(kind):
         assert torch.allclose(full[:, -1], logits, atol=1e-9), f"decoder logits differ at length {seq.shape[1]}"
     full = model(seq)
     assert torch.equal(full[0, prompt.shape[1] - 1 : -1].argmax(-1), seq[0, prompt.shape[1]:])
+
+
+@pytest.mark.parametrize("grad, depth, flows", [(False, 0, False), (True, 0, True), (True, 2, False)])
+def test_external_memory_grad_lets_gradients_reach_the_cached_keys(grad, depth, flows):
+    """Detached by default (LongMem); with external_memory_grad the last segment's loss reaches
+    the keys cached after the first, unless bptt_depth truncates the state in between."""
+    model = _model(external_memory_grad=grad, bptt_depth=depth)
+    bank_module = model.layers[1].attention.memory_bank
+    written = []
+    real_write = bank_module.write
+
+    def capture(*args, **kwargs):
+        state = real_write(*args, **kwargs)
+        if state.keys.requires_grad:
+            state.keys.retain_grad()
+        written.append(state)
+        return state
+
+    bank_module.write = capture
+    try:
+        model(_tokens(6, (1, 24)))[:, 16:].sum().backward()
+    finally:
+        del bank_module.write
+    first = written[0].keys
+    assert first.requires_grad == grad
+    reached = first.grad is not None and first.grad.abs().sum() > 0
+    assert reached == flows

@@ -10,7 +10,8 @@ the answer after QUERY is a label. The value sits in the first segment and the q
 end of the last, so a segment model without memory can only guess (chance = 1 / n_values);
 LM2 slots and the LongMem bank must carry it over the segments between. Five models train at
 equal steps, shape and data (the same batches): the no-memory segment model (`baseline`),
-`slots`, `bank`, `hybrid`, and `full_attention` over the whole window (the upper reference).
+`slots`, `bank` (detached cache, as LongMem), `bank_trained_keys` (external_memory_grad),
+`hybrid`, and `full_attention` over the whole window (the upper reference).
 One JSON object: `accuracy` (exact match on held-out windows) per model, `chance`, the learning
 curves (`curves`: accuracy against steps), step time, activation memory saved for backward per
 step (and peak CUDA memory on a GPU). Logs go to stderr.
@@ -43,6 +44,10 @@ VARIANTS = {
     "baseline": ["model.use_internal_memory=false", "model.use_external_memory=false"],
     "slots": ["model.use_internal_memory=true", "model.use_external_memory=false"],
     "bank": ["model.use_internal_memory=false", "model.use_external_memory=true"],
+    # The bank with gradients through its cached keys and values (LongMem detaches them): trained
+    # from scratch, detached keys never learn to be found.
+    "bank_trained_keys": ["model.use_internal_memory=false", "model.use_external_memory=true",
+                          "model.external_memory_grad=true"],
     "hybrid": ["model.use_internal_memory=true", "model.use_external_memory=true"],
     "full_attention": ["model.use_internal_memory=false", "model.use_external_memory=false",
                        "model.segment_length=0"],

@@ -55,6 +55,7 @@ class LMTransformerArgs(BaseTransformerArgs):
     retrieval_k: int = 64  # tokens retrieved per query, in chunks of chunk_size
     retrieval_layer_index: Optional[int] = None  # the block whose keys/values are cached; None: n_layers // 2
     use_gpu_to_search: bool = False  # faiss-gpu's index when on a GPU
+    external_memory_grad: bool = False  # gradients reach the cached keys/values in the window (LongMem: no)
 
     def check_memory(self, bos_known: bool = True) -> None:
         """ValueError naming the model key when the segment and memory settings do not fit
@@ -130,7 +131,7 @@ class LMTransformer(BaseTransformer):
             return None
         n_heads, n_kv_heads, head_dim = args.resolved_heads()
         return MemoryBank(n_heads, n_kv_heads, head_dim, args.external_memory_size, args.chunk_size,
-                          args.retrieval_k, args.use_gpu_to_search)
+                          args.retrieval_k, args.use_gpu_to_search, args.external_memory_grad)
 
     def forward(
         self,

@@ -596,9 +596,9 @@ def test_params_json_with_an_unknown_key_is_refused_naming_it(tmp_path: Path) ->
     path = tmp_path / "params.json"
     path.write_text(__import__("json").dumps(params))
     assert load_params(path, LMTransformerArgs, "model") == LMTransformerArgs()
-    # A key this code lacks (as a memory model's checkpoint has for a plain build).
-    params["model"]["memory_slots"] = {"n_slots": 16}
+    # A key this code lacks (as a checkpoint of a newer memory model has for an older build).
+    params["model"]["memory_tiles"] = {"n_tiles": 16}
     path.write_text(__import__("json").dumps(params))
     with pytest.raises(ConfigError) as info:
         load_params(path, LMTransformerArgs, "model")
-    assert "model.memory_slots.n_slots" in str(info.value) and str(path) in str(info.value)
+    assert "model.memory_tiles" in str(info.value) and str(path) in str(info.value)

@@ -75,6 +75,25 @@ def read_losses(dump_dir: Path) -> dict[int, float]:
     return {r["global_step"]: r["loss/out"] for r in rows}
 
 
+def train_killed_after_first_save_then_resumed(monkeypatch, args) -> None:
+    """train(args()) interrupted right after its first checkpoint save (a KeyboardInterrupt,
+    as a Ctrl-C there would), then run again on fresh args to the end: it resumes."""
+    from apps.main.train import train
+    from lingua.checkpoint import CheckpointManager
+
+    real_save = CheckpointManager.save
+
+    def save_then_die(self, *a, **k):
+        real_save(self, *a, **k)
+        raise KeyboardInterrupt("killed after the first save")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CheckpointManager, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train(args())
+    train(args())
+
+
 def decode_step_by_step(model, x, prefix: int, cache_len: int):
     """Logits for tokens x [1, T] from a forward over x[:, :prefix] followed by one KV-cached
     forward per remaining token, for comparison with the full forward."""

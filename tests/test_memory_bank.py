@@ -128,8 +128,7 @@ def test_hybrid_training_resumes_exactly(corpus, tmp_path, monkeypatch):
     resumed logs the same losses as an uninterrupted one (checkpoints hold no memory)."""
     from apps.main.train import TrainArgs, train
     from lingua.args import load_config
-    from lingua.checkpoint import CheckpointManager
-    from tests.conftest import read_losses, tiny_overrides
+    from tests.conftest import read_losses, tiny_overrides, train_killed_after_first_save_then_resumed
 
     hybrid = {"model.segment_length": 8, "model.use_internal_memory": "true", "model.memory_slots": 4,
               "model.num_mem_heads": 2, "model.use_external_memory": "true", "model.external_memory_size": 16,
@@ -137,17 +136,7 @@ def test_hybrid_training_resumes_exactly(corpus, tmp_path, monkeypatch):
               "data.load_async": "false", "checkpoint.eval.every": 4}
     args = lambda d: load_config(TrainArgs, tiny_overrides(corpus, d, steps=8, **hybrid))  # noqa: E731
     train(args(tmp_path / "whole"))
-    real_save = CheckpointManager.save
-
-    def save_then_die(self, *a, **k):
-        real_save(self, *a, **k)
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(CheckpointManager, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(args(tmp_path / "cut"))
-    monkeypatch.setattr(CheckpointManager, "save", real_save)
-    train(args(tmp_path / "cut"))
+    train_killed_after_first_save_then_resumed(monkeypatch, lambda: args(tmp_path / "cut"))
     losses = read_losses(tmp_path / "whole")
     assert read_losses(tmp_path / "cut") == losses and len(losses) == 8
 

@@ -145,8 +145,7 @@ def test_training_with_slots_resumes_exactly(corpus, tmp_path, monkeypatch):
     the same losses as an uninterrupted one; bos_id comes from the tokenizer."""
     from apps.main.train import TrainArgs, train
     from lingua.args import load_config
-    from lingua.checkpoint import CheckpointManager
-    from tests.conftest import read_losses, tiny_overrides
+    from tests.conftest import read_losses, tiny_overrides, train_killed_after_first_save_then_resumed
 
     args = lambda d: load_config(TrainArgs, tiny_overrides(corpus, d, steps=8, **SLOT_RUN,  # noqa: E731
                                                             **{"checkpoint.eval.every": 4}))
@@ -154,17 +153,7 @@ def test_training_with_slots_resumes_exactly(corpus, tmp_path, monkeypatch):
     train(whole)
     assert whole.model.bos_id == 256  # the bytes tokenizer's
 
-    real_save = CheckpointManager.save
-
-    def save_then_die(self, *a, **k):
-        real_save(self, *a, **k)
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(CheckpointManager, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(args(tmp_path / "cut"))
-    monkeypatch.setattr(CheckpointManager, "save", real_save)
-    train(args(tmp_path / "cut"))
+    train_killed_after_first_save_then_resumed(monkeypatch, lambda: args(tmp_path / "cut"))
     assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "whole")
     assert len(read_losses(tmp_path / "whole")) == 8
     validation = [json.loads(line) for line in open(tmp_path / "cut/metrics.validation.jsonl")]

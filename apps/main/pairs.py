@@ -10,6 +10,7 @@ metrics.eval.jsonl (apps.main.eval, and the training loop when eval.pairs.path i
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Optional
@@ -50,10 +51,15 @@ def read_pairs(path: str, max_pairs: Optional[int] = None) -> list[dict]:
     return pairs[:max_pairs] if max_pairs is not None else pairs
 
 
-def rouge_l(reference: str, prediction: str) -> float:
+@functools.cache
+def _rouge_l_scorer():
     from rouge_score import rouge_scorer  # the rouge-score package (requirements.txt)
 
-    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    return rouge_scorer.RougeScorer(["rougeL"])  # stateless; built once (it logs on construction)
+
+
+def rouge_l(reference: str, prediction: str) -> float:
+    return _rouge_l_scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 @torch.no_grad()

@@ -248,11 +248,23 @@ class SegmentDecoder:
 
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens [B, n]; returns the logits [B, V] after the last of them."""
-        logits = None
-        for t in range(tokens.shape[1]):
-            logits = self._step(tokens[:, t : t + 1])
+        """Append tokens [B, n]; returns the logits [B, V] after the last of them. Whole segments
+        of a prompt go through in one forward each; the rest one token at a time."""
+        logits, t = None, 0
+        while t < tokens.shape[1]:
+            if not self.tokens and tokens.shape[1] - t >= self.L:
+                logits = self._whole_segment(tokens[:, t : t + self.L])
+                t += self.L
+            else:
+                logits = self._step(tokens[:, t : t + 1])
+                t += 1
         return logits
+
+    def _whole_segment(self, tokens: torch.Tensor) -> torch.Tensor:
+        docs = self.n_bos[:, None] + torch.cumsum(tokens == self.bos, dim=1)
+        self.n_bos = docs[:, -1].clone()
+        self.tokens, self.docs = [tokens], [docs]
+        return self._complete_segment()
 
     def _step(self, token: torch.Tensor) -> torch.Tensor:
         from lingua.segments import Segment
@@ -273,15 +285,17 @@ class SegmentDecoder:
             self._complete_segment()
         return logits
 
-    def _complete_segment(self) -> None:
-        """Write the full segment's memory update as training does; start a new segment."""
+    def _complete_segment(self) -> torch.Tensor:
+        """Write the full segment's memory update as training does; start a new segment.
+        Returns the logits after its last token."""
         tokens, docs = torch.cat(self.tokens, dim=1), torch.cat(self.docs, dim=1)
         segment = next(split_segments(docs, self.L, self.carry_doc))
         segment.index = self.index
         ctx = SegmentContext(segment, self.state)
-        self.model.forward_blocks(self.model.tok_embeddings(tokens), ctx=ctx)
+        h = self.model.forward_blocks(self.model.tok_embeddings(tokens), ctx=ctx)
         self.state = ctx.next_state(0)
         self.carry_doc = docs[:, -1]
         self.index += 1
         self.tokens, self.docs = [], []
         self.caches = self.model.new_kv_caches(self.batch, self.L)
+        return self.model.output(self.model.norm(h[:, -1:]))[:, -1]

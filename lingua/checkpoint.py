@@ -327,6 +327,25 @@ def load_model_weights(path: str | os.PathLike | StoragePath, model: torch.nn.Mo
     load_model_and_optim(path, model, None)
 
 
+def save_model_checkpoint(model: torch.nn.Module, ckpt: str | os.PathLike, params: dict) -> Path:
+    """A weights-only DCP checkpoint (no optimizer, no train state) with its params.json, which
+    apps.main.eval loads and `checkpoint.init_ckpt_path` starts a run from; one process. Refuses
+    a directory that exists (nothing is overwritten); written into a tmp dir and renamed."""
+    final = Path(ckpt)
+    if final.exists():
+        raise FileExistsError(f"'{final}' exists: not overwriting it")
+    tmp = final.with_name(TMP_PREFIX + final.name)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
+    write_json(resolve(tmp) / "params.json", params)
+    os.replace(tmp, final)
+    return final
+
+
 def consolidate_checkpoint(ckpt: str | os.PathLike, out_file: Optional[str | os.PathLike] = None,
                            precision: str = "fp32") -> Path:
     """Merge the DCP shards of a checkpoint into one torch.save file (model + optimizer), the

@@ -118,13 +118,15 @@ class MetricLogger:
             else:
                 self.wandb = wandb.init(config=config, **wandb_kwargs)
 
-    def log(self, metrics: dict) -> None:
-        row = flatten(metrics)
+    def log(self, metrics: dict, nested: bool = False) -> None:
+        """nested: keep the dicts as they are (Meta Lingua's metrics.eval.jsonl rows); wandb still
+        gets the flattened row."""
+        row = dict(metrics) if nested else flatten(metrics)
         row.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log(row, step=row.get("global_step"))
+            self.wandb.log(flatten(row), step=row.get("global_step"))
 
     def sync(self) -> None:
         self.staged.sync()

@@ -62,8 +62,10 @@ def tiny_overrides(data_root: Path, dump_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def run_module(module: str, argv: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def run_module(module: str, argv: list[str], timeout: int = 300, env: dict | None = None,
+               **kwargs) -> subprocess.CompletedProcess:
+    """`python -m module argv` from the project root; `env`: variables added to this one's."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", module, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=timeout, **kwargs,

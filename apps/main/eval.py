@@ -1,4 +1,5 @@
-"""Validation of a model: loss per token and bits per byte on each source's *.val.jsonl.
+"""Evaluation of a model: validation (loss per token and bits per byte on each source's
+*.val.jsonl), input/output pairs (`pairs.path`), and lm-eval tasks (`harness.tasks`).
 
 Every document is scored on its own (split into windows of seq_len when longer), so the
 numbers do not depend on packing. Input/output and chat documents are scored on their trained
@@ -6,6 +7,10 @@ part only (the answers), and bits per byte count the bytes of that part. Runs in
 the command line on a checkpoint:
 
     python -m apps.main.eval ckpt_dir=<dump_dir>/checkpoints/0000001000 dump_dir=<dump_dir>
+    python -m apps.main.eval ckpt_dir=<dump_dir> 'harness.tasks=[hellaswag]' validation=null
+
+Validation rows go to metrics.validation.jsonl; pairs and harness rows to metrics.eval.jsonl (the
+harness's whole output also to evals/<step>/results.json), all in the dump dir.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -54,16 +59,49 @@ class ValidationArgs:
 
 
 @dataclass
+class LMHarnessArgs:
+    """lm-eval's simple_evaluate arguments, as Meta Lingua's `harness` section names them; the
+    harness runs when `tasks` is set (apps/main/harness.py)."""
+    tasks: Optional[list[Any]] = None  # task names (or task dicts); None: no harness
+    num_fewshot: Optional[int] = None
+    device: Optional[str] = None  # accepted for Meta Lingua configs; the model's device is used
+    use_cache: Optional[str] = None  # accepted for Meta Lingua configs; requests are not cached
+    cache_requests: bool = False
+    rewrite_requests_cache: bool = False
+    delete_requests_cache: bool = False
+    limit: Optional[float] = None  # documents per task (a fraction when < 1)
+    bootstrap_iters: int = 100000
+    check_integrity: bool = False
+    write_out: bool = False
+    log_samples: bool = True
+    system_instruction: Optional[str] = None
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    gen_kwargs: Optional[str] = None
+    verbosity: str = "INFO"
+    predict_only: bool = False
+    random_seed: int = 0
+    numpy_random_seed: int = 1234
+    torch_random_seed: int = 1234
+    fewshot_random_seed: int = 1234
+    # not in Meta Lingua:
+    include_path: Optional[str] = None  # a folder of local task YAMLs
+    include_defaults: Optional[bool] = None  # lm-eval's built-in tasks too; None: only without include_path
+    batch_size: int = 8  # sequences per forward
+    rolling_context_len: Optional[int] = None  # perplexity windows' context; None: half of max_seqlen
+
+
+@dataclass
 class EvalArgs:
     name: str = "evals"
     dump_dir: Optional[str] = None  # defaults to the dump_dir that holds ckpt_dir
     metric_log_dir: Optional[str] = None  # where metrics.validation.jsonl goes; defaults to dump_dir
     ckpt_dir: str = ""
     global_step: Optional[int] = None
-    validation: ValidationArgs = field(default_factory=ValidationArgs)
+    validation: Optional[ValidationArgs] = field(default_factory=ValidationArgs)  # null: no validation
     pairs: PairsArgs = field(default_factory=PairsArgs)  # input/output pairs: loss, exact match, ROUGE-L
     generator: Optional[dict] = None  # accepted for Meta Lingua configs; sampling is apps.main.generate
-    harness: Optional[dict] = None  # lm-eval tasks; not run by this command yet
+    harness: LMHarnessArgs = field(default_factory=LMHarnessArgs)  # lm-eval tasks
     wandb: Optional[dict] = None
 
 
@@ -242,9 +280,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     set_cpu_threads(info)
     device = default_device(info.local_rank)
     init_distributed(info)  # torchrun, or srun: master address and port from the SLURM job
-    for key in ("harness", "generator"):
-        if getattr(args, key):
-            logger.warning("eval: '%s' is accepted for Meta Lingua configs but not run by this command", key)
+    if args.generator:
+        logger.warning("eval: 'generator' is accepted for Meta Lingua configs; sampling is apps.main.generate")
     try:
         results = evaluate(args, info, device)
     except (ConfigError, FileNotFoundError) as e:
@@ -255,16 +292,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 def evaluate(args: EvalArgs, info: WorldInfo, device: torch.device) -> dict:
-    """Validate the checkpoint args.ckpt_dir names; rank 0 appends the figures to
-    metrics.validation.jsonl. Returns {source name: {loss, bpb, docs, ...}}."""
+    """Evaluate the checkpoint args.ckpt_dir names; rank 0 appends the figures to
+    metrics.validation.jsonl and metrics.eval.jsonl. Returns {source name: {loss, bpb, docs, ...},
+    "pairs": {...}, "harness": {task: {metric: value}}} for what ran."""
     ckpt = resolve_ckpt_dir(args.ckpt_dir)
+    if not (args.validation or args.pairs.path or args.harness.tasks):
+        raise ConfigError("nothing to evaluate: validation is null and neither pairs.path nor harness.tasks is set")
     model, tokenizer, config = load_model_from_checkpoint(ckpt, device)
     data_args = load_params(ckpt / "params.json", DataArgs, "data")
-    results = run_validation(model, tokenizer, args.validation, data_args, device, info.rank, info.world_size)
     step = args.global_step if args.global_step is not None else int(ckpt.name) if ckpt.name.isdigit() else None
     out_dir = resolve(args.metric_log_dir or args.dump_dir) if (args.metric_log_dir or args.dump_dir) \
         else ckpt.parent.parent
-    if info.rank == 0:
+    results: dict = {}
+    if args.validation is not None:
+        results = run_validation(model, tokenizer, args.validation, data_args, device, info.rank, info.world_size)
+    if info.rank == 0 and args.validation is not None:
         with MetricLogger(out_dir / "metrics.validation.jsonl") as m:
             m.log({"global_step": step, "checkpoint": str(ckpt), "val": results})
         for name, r in results.items():
@@ -275,7 +317,35 @@ def evaluate(args: EvalArgs, info: WorldInfo, device: torch.device) -> dict:
         if info.rank == 0:
             log_pairs(out_dir, step, str(ckpt), args.pairs.path, pairs)
         results = {**results, "pairs": pairs}
+    if args.harness.tasks:
+        harness = evaluate_harness(args.harness, model, tokenizer, device, out_dir, step, str(ckpt), info.rank)
+        results = {**results, "harness": harness}
     return results
+
+
+def evaluate_harness(harness: LMHarnessArgs, model, tokenizer, device, out_dir, step: Optional[int], ckpt: str,
+                     rank: int = 0) -> Optional[dict]:
+    """lm-eval on harness.tasks (every rank takes part); rank 0 writes lm-eval's whole output to
+    <out_dir>/evals/<step>/results.json and a row {global_step, <task>: {<metric>: value}} to
+    metrics.eval.jsonl (nested, as Meta Lingua's). Returns the per-task results on rank 0."""
+    from apps.main.harness import run_harness  # lm-eval is imported only when a harness runs
+
+    output = run_harness(harness, model, tokenizer, device)
+    if rank != 0 or output is None:
+        return None
+    from lm_eval.utils import handle_non_serializable
+
+    run_dir = out_dir / "evals" / (f"{step:010d}" if step is not None else "latest")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(output, indent=2, default=handle_non_serializable))
+    per_task = output["results"]
+    with MetricLogger(out_dir / "metrics.eval.jsonl") as m:
+        m.log({"global_step": step, "checkpoint": ckpt, **per_task}, nested=True)
+    for task, metrics in per_task.items():
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k}
+        logger.info("harness %s: %s", task, shown)
+    logger.info("harness results in %s and %s", run_dir / "results.json", out_dir / "metrics.eval.jsonl")
+    return per_task
 
 
 def log_pairs(out_dir, step: Optional[int], ckpt: str, path: str, pairs: dict) -> None:

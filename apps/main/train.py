@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from apps.main.eval import EvalArgs, log_pairs, run_validation
+from apps.main.eval import EvalArgs, evaluate_harness, log_pairs, run_validation
 from apps.main.pairs import evaluate_pairs
 from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs, build_model
 from lingua.args import ConfigError, cli_main, dump_config, from_dict, to_dict
@@ -160,13 +160,14 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
     in_loop_eval = eval_args is not None and args.async_eval_gpus is None
     for key, wanted in (("early_stopping.patience", args.early_stopping.patience > 0),
                         ("checkpoint.save_best", args.checkpoint.save_best)):
-        if wanted and not in_loop_eval:
-            why = "async_eval_gpus runs it in another job" if eval_args is not None else "eval is null"
+        if wanted and not (in_loop_eval and eval_args.validation is not None):
+            why = "async_eval_gpus runs it in another job" if args.async_eval_gpus is not None and eval_args \
+                else "eval is null" if eval_args is None else "eval.validation is null"
             raise ConfigError(f"config key '{key}' needs the in-loop validation, but {why} (set eval.validation "
                               "and checkpoint.eval.every, without async_eval_gpus)")
     if args.early_stopping.patience < 0:
         raise ConfigError(f"config key 'early_stopping.patience' must be >= 0, got {args.early_stopping.patience}")
-    if in_loop_eval:
+    if in_loop_eval and eval_args.validation is not None:
         try:
             check_metric(args.early_stopping.metric, list(eval_args.validation.sources) or list(args.data.sources))
         except ValueError as e:
@@ -522,7 +523,7 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
                     results = validate_in_loop(model, tokenizer, eval_args, args, device, dp_rank, dp_size, dims.tp,
                                                precision, state.step, dump_dir if world.rank == 0 else None)
                     sync_outputs(train_log)
-                    new_best = cadence.validated(state.step, results)
+                    new_best = bool(results) and cadence.validated(state.step, results)
                 if due.save:
                     state.data_loader = loader.state_dict()
                     state.scheduler = scheduler.state_dict()
@@ -629,10 +630,12 @@ def validate_in_loop(model, tokenizer, eval_args: EvalArgs, args: TrainArgs, dev
     """Validation of the model being trained; dump_dir (rank 0 only) gets metrics.validation.jsonl.
     In the precision it trains in, and eagerly: its other grad mode and batch shapes would each
     compile more graphs of the blocks, up to the recompile limit, past which training runs eager."""
-    with precision(), torch.compiler.set_stance("force_eager"):
-        results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank, dp_size,
-                                 replicas_per_shard=tp)
-    if dump_dir is not None:
+    results: dict = {}
+    if eval_args.validation is not None:
+        with precision(), torch.compiler.set_stance("force_eager"):
+            results = run_validation(model, tokenizer, eval_args.validation, args.data, device, dp_rank, dp_size,
+                                     replicas_per_shard=tp)
+    if dump_dir is not None and results:
         with MetricLogger(resolve(eval_args.metric_log_dir or dump_dir) / "metrics.validation.jsonl") as m:
             m.log({"global_step": step, "val": results})
         logger.info("validation at step %d: %s", step, {k: round(v["loss"], 4) for k, v in results.items()})
@@ -640,7 +643,28 @@ def validate_in_loop(model, tokenizer, eval_args: EvalArgs, args: TrainArgs, dev
         with precision(), torch.compiler.set_stance("force_eager"):
             pairs = evaluate_pairs(model, tokenizer, eval_args.pairs, args.data, device)
         log_pairs(resolve(eval_args.metric_log_dir or dump_dir), step, f"step {step}", eval_args.pairs.path, pairs)
+    if eval_args.harness.tasks:
+        # The harness gives each rank different requests, which a sharded model cannot follow:
+        # with several processes every rank scores its share on a whole replica (as Meta Lingua's
+        # in-process eval, which loads the consolidated checkpoint on each rank).
+        replica = model if not (dist.is_available() and dist.is_initialized()) else whole_replica(model, device)
+        out_dir = resolve(eval_args.metric_log_dir or dump_dir) if dump_dir is not None else None
+        with precision(), torch.compiler.set_stance("force_eager"):
+            evaluate_harness(eval_args.harness, replica, tokenizer, device, out_dir, step, f"step {step}",
+                             rank=dist.get_rank() if replica is not model else 0)
+        del replica
     return results
+
+
+def whole_replica(model: LMTransformer, device: torch.device) -> LMTransformer:
+    """An unsharded copy of a sharded (FSDP/TP) model on this rank, for evaluation; collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    with torch.device(device):
+        replica = LMTransformer(model.args)
+    replica.load_state_dict(state)  # strict; the tied output weight comes in through the embedding's
+    return replica.eval()
 
 
 def submit_async_eval(args: TrainArgs, dump_dir: Path, ckpt: Path, step: int) -> None:

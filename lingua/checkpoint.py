@@ -48,6 +48,7 @@ BEST = "best"
 BEST_OLD = ".best_old"  # the previous best while the new one is renamed in
 BEST_INFO = "best.json"  # written last into a best copy: a best without it is incomplete
 COMMITTED = ".committed"  # a remote step checkpoint is complete once this exists
+CONSOLIDATED_NAME = "consolidated.pth"  # consolidate_checkpoint's file, in <ckpt>/consolidated/
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -361,7 +362,7 @@ def consolidate_checkpoint(ckpt: str | os.PathLike, out_file: Optional[str | os.
     ckpt = Path(resolve(ckpt))
     if not (ckpt / ".metadata").exists():
         raise FileNotFoundError(f"'{ckpt}' is not a DCP checkpoint (no .metadata file)")
-    out = Path(out_file) if out_file else ckpt / "consolidated" / "consolidated.pth"
+    out = Path(out_file) if out_file else ckpt / "consolidated" / CONSOLIDATED_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     dcp_to_torch_save(str(ckpt), str(tmp))

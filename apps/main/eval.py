@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, cli_main, load_params
 from apps.main.pairs import PairsArgs, evaluate_pairs
-from lingua.checkpoint import list_checkpoints, load_model_weights
+from lingua.checkpoint import CONSOLIDATED_NAME, list_checkpoints, load_model_weights
 from lingua.storage import StoragePath, resolve
 from lingua.data import VAL_GLOB, DataArgs, DataError, encode_document, labels_from, read_documents
 from lingua.distributed import (
@@ -253,7 +253,8 @@ def load_model_from_checkpoint(ckpt_dir: StoragePath, device: torch.device) -> t
     tokenizer = build_tokenizer(data_args.tokenizer.name, data_args.tokenizer.path)
     with torch.device(device):
         model = LMTransformer(model_args)
-    load_model_weights(ckpt_dir, model)
+    consolidated = ckpt_dir / CONSOLIDATED_NAME  # consolidate_checkpoint's dir holds it and params.json
+    load_model_weights(consolidated if consolidated.exists() else ckpt_dir, model)
     model.eval()
     return model, tokenizer, config
 

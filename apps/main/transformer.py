@@ -12,7 +12,9 @@ next within a document. `segment_length` alone is the no-memory segment baseline
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -173,6 +175,34 @@ class LMTransformer(BaseTransformer):
         if reduction == "sum":
             return loss
         return loss / (target != IGNORE_INDEX).sum()
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> Path:
+        """config.yaml (the model args) + model.safetensors (the weights, no optimizer) in a new or
+        empty directory (lingua.hf): for the models Hugging Face has no class for (memory, mHC),
+        and any other. One process, an unsharded model."""
+        from lingua.args import to_dict
+        from lingua.hf import save_pretrained_files
+
+        state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                 for k, v in self.state_dict().items()}
+        return save_pretrained_files(directory, to_dict(self.args), state, tied=self.weight_tying)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> "LMTransformer":
+        """The model save_pretrained wrote; its config loads strictly (an unknown key fails)."""
+        from lingua.args import from_dict
+        from lingua.hf import load_pretrained_files
+
+        keys, state = load_pretrained_files(directory, str(device))
+        args = from_dict(LMTransformerArgs, keys)
+        with torch.device(device):
+            model = cls(args)
+        if args.weight_tying:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        model.load_state_dict(state, strict=True)
+        if args.weight_tying:  # load_state_dict copied into both; keep them one parameter
+            model.output.weight = model.tok_embeddings.weight
+        return model.eval()
 
     def new_segment_decoder(self, batch: int) -> "SegmentDecoder":
         return SegmentDecoder(self, batch)

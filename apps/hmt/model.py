@@ -1,0 +1,273 @@
+"""The Hierarchical Memory Transformer (HMT, arXiv 2405.06067) around a causal LM backbone.
+
+A window is read `content_length` tokens at a time (`segment_length` counts the whole backbone
+input: the segment, two memory tokens and `num_sensory` tokens of the previous segment). For
+segment n with token embeddings E_n:
+
+1. representation: the backbone reads [T | E_n[:j] | T] (T a learned embedding, j =
+   sum_fraction * the segment's length) and S_n is the final hidden state at its last position;
+2. recall: P_n = softmax((S_n W_q)(M W_k)^T / sqrt(h)) M over the cache M of past memory
+   embeddings (the last `mem_recall_context`; a learned initial memory before the first);
+3. the backbone reads [P_n | last num_sensory embeddings of segment n-1 | E_n | P_n]; the
+   logits at E_n's positions are the segment's (each predicts the token after it, as the
+   labels say), and the final hidden state at the trailing P_n is M_n, appended to the cache.
+
+Modes (`HMTArgs.mode`): "hmt" (all of it), "stage1" (no recall: P_n = M_{n-1}, sensory kept: the
+paper's first training stage), "rmt" (no recall, no sensory: the Recurrent Memory Transformer)
+and "baseline" (the backbone alone on segments of segment_length tokens).
+
+The state (cache, last memory) lives in the loop of `forward` only: every window starts from the
+initial memory, so nothing is carried across windows or training steps. Gradients flow through
+at most `bptt_depth` segments of it: the state is detached after every bptt_depth-th segment
+(for real: the reference's detach was a no-op). A window is one document's stretch (apps/hmt's
+data never packs two documents in a row), so memory never crosses documents.
+
+The backbone is reached through a small adapter: `LinguaBackbone` (an apps/main LMTransformer:
+dense, product keys or mHC) or `HFBackbone` (a transformers causal LM).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lingua.args import choice
+from lingua.data import IGNORE_INDEX
+
+MODES = ("hmt", "stage1", "rmt", "baseline")
+
+
+@dataclass
+class HMTArgs:
+    mode: str = choice("hmt", MODES)
+    segment_length: int = 1024  # backbone input per segment: tokens + 2 memory tokens + num_sensory
+    num_sensory: int = 0  # embeddings of the previous segment's last tokens read again (k)
+    mem_recall_context: int = 100  # N: memory embeddings kept for recall
+    mem_recall_hidden_dim: int = 1024  # width of W_q and W_k
+    sum_fraction: float = 0.5  # share of a segment the representation reads
+    bptt_depth: int = 2  # segments of state the gradient flows through; 0: all
+    mem_prune: str = choice("fifo", ("fifo", "attention"))  # which memory a full cache drops
+
+    @property
+    def uses_memory(self) -> bool:
+        return self.mode != "baseline"
+
+    @property
+    def sensory(self) -> int:
+        return self.num_sensory if self.mode in ("hmt", "stage1") else 0
+
+    @property
+    def content_length(self) -> int:
+        """Tokens of the input text per segment."""
+        return self.segment_length - (2 + self.sensory if self.uses_memory else 0)
+
+    def check(self) -> None:
+        """ValueError naming the HMT key that cannot work."""
+        if self.content_length < 1:
+            raise ValueError(f"segment_length={self.segment_length} leaves no room for the text: it holds the two "
+                             f"memory tokens and num_sensory={self.sensory} tokens too")
+        if self.num_sensory < 0 or self.bptt_depth < 0:
+            raise ValueError("num_sensory and bptt_depth must be >= 0")
+        if self.mode == "hmt" and self.mem_recall_context < 1:
+            raise ValueError(f"mem_recall_context must be >= 1, got {self.mem_recall_context}")
+        if not 0 < self.sum_fraction <= 1:
+            raise ValueError(f"sum_fraction must be in (0, 1], got {self.sum_fraction}")
+
+
+class LinguaBackbone(nn.Module):
+    """An apps/main LMTransformer as HMT's backbone."""
+
+    optim_component = "base"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.dim = model.args.dim
+        self.max_len = model.args.max_seqlen
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.tok_embeddings(tokens)
+
+    def hidden(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(self.model.forward_blocks(embeds))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.output(hidden)
+
+
+class HFBackbone(nn.Module):
+    """A transformers causal LM (LlamaForCausalLM, OPT, ...) as HMT's backbone: its decoder's
+    last hidden state (after the final norm) and its LM head."""
+
+    optim_component = "base"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.dim = model.config.hidden_size
+        self.max_len = getattr(model.config, "max_position_embeddings", None)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(tokens)
+
+    def hidden(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.model.base_model(inputs_embeds=embeds).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
+
+
+class MemoryRecall(nn.Module):
+    """Cross attention of a segment's summary S_n over the cached memory embeddings; no value
+    projection (the memories themselves are mixed)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.wq = nn.Linear(dim, hidden_dim, bias=False)
+        self.wk = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, summary: torch.Tensor, memories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """summary [B, d], memories [B, N, d] -> (recalled [B, d], attention weights [B, N])."""
+        q, k = self.wq(summary), self.wk(memories)
+        weights = torch.softmax(torch.einsum("bh,bnh->bn", q, k).float() / math.sqrt(q.shape[-1]), dim=-1)
+        return torch.einsum("bn,bnd->bd", weights.to(memories.dtype), memories), weights
+
+    def reset_parameters(self, std: float, generator: Optional[torch.Generator] = None) -> None:
+        for w in (self.wq.weight, self.wk.weight):
+            nn.init.trunc_normal_(w, std=std, a=-3 * std, b=3 * std, generator=generator)
+
+
+class MemoryCache:
+    """The last N memory embeddings per row, [B, n, d], with the recall attention each received
+    (for mem_prune=attention and the --plot_hist histogram). Lives in one forward only."""
+
+    def __init__(self, capacity: int, prune: str):
+        self.capacity, self.prune = capacity, prune
+        self.memories: Optional[torch.Tensor] = None
+        self.attention: Optional[torch.Tensor] = None  # [B, n] recall weight received so far
+
+    def __len__(self) -> int:
+        return 0 if self.memories is None else self.memories.shape[1]
+
+    def attended(self, weights: torch.Tensor) -> None:
+        self.attention = self.attention + weights.detach().float()
+
+    def append(self, memory: torch.Tensor) -> None:
+        memory = memory[:, None]
+        fresh = torch.zeros(memory.shape[0], 1, device=memory.device)
+        if self.memories is None:
+            self.memories, self.attention = memory, fresh
+            return
+        if len(self) >= self.capacity:
+            if self.prune == "fifo":
+                keep = torch.ones_like(self.attention, dtype=torch.bool)
+                keep[:, 0] = False
+            else:  # the memory recall attended to least (the oldest among equals)
+                keep = torch.ones_like(self.attention, dtype=torch.bool)
+                keep.scatter_(1, self.attention.argmin(dim=1, keepdim=True), False)
+            B, n, d = self.memories.shape
+            self.memories = self.memories[keep].view(B, n - 1, d)
+            self.attention = self.attention[keep].view(B, n - 1)
+        self.memories = torch.cat([self.memories, memory], dim=1)
+        self.attention = torch.cat([self.attention, fresh], dim=1)
+
+    def detach(self) -> None:
+        if self.memories is not None:
+            self.memories = self.memories.detach()
+
+
+class HMT(nn.Module):
+    # HMT's own parameters are the `memory` component (optim.memory_lr; they train whatever the
+    # backbone does); the backbone adapters declare theirs `base` (lingua.optim).
+    optim_component = "memory"
+
+    def __init__(self, backbone: nn.Module, args: HMTArgs):
+        super().__init__()
+        args.check()
+        if backbone.max_len is not None and args.segment_length > backbone.max_len:
+            raise ValueError(f"segment_length={args.segment_length} exceeds the backbone's {backbone.max_len} "
+                             "positions")
+        self.backbone, self.args = backbone, args
+        d = backbone.dim
+        self.memory_token = nn.Parameter(torch.empty(d))  # T, around the representation's input
+        self.initial_memory = nn.Parameter(torch.empty(d))  # P_1, and recall's memory before any
+        self.recall = MemoryRecall(d, args.mem_recall_hidden_dim) if args.mode == "hmt" else None
+        self.reset_memory_parameters()
+        self.last_recall_weights: list[torch.Tensor] = []  # of the last forward, for --plot_hist
+
+    @torch.no_grad()
+    def reset_memory_parameters(self, seed: int = 0) -> None:
+        """As the reference: memory embeddings at the scale of the token embeddings."""
+        if self.memory_token.is_meta:
+            return
+        generator = torch.Generator(device=self.memory_token.device).manual_seed(seed)
+        scale = float(self.backbone.embed(torch.zeros(1, dtype=torch.long, device=self.memory_token.device)).std())
+        scale = scale if math.isfinite(scale) and scale > 0 else 0.02
+        for p in (self.memory_token, self.initial_memory):
+            p.copy_(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * scale)
+        if self.recall is not None:
+            self.recall.reset_parameters(self.backbone.dim ** -0.5, generator)
+
+    def segment_inputs(self, embeds: torch.Tensor, memory: Optional[torch.Tensor],
+                       sensory: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """The backbone input of a segment, [P | sensory | E | P] (just E for the baseline), and
+        the position of E's first token in it."""
+        if memory is None:
+            return embeds, 0
+        P = memory[:, None].to(embeds.dtype)
+        parts = [P] + ([sensory] if sensory is not None and sensory.shape[1] else []) + [embeds, P]
+        return torch.cat(parts, dim=1), 1 + (sensory.shape[1] if sensory is not None else 0)
+
+    def summary(self, embeds: torch.Tensor) -> torch.Tensor:
+        """S_n: the final hidden state after [T | first sum_fraction of E | T]."""
+        j = max(1, round(self.args.sum_fraction * embeds.shape[1]))
+        T = self.memory_token.to(embeds.dtype).expand(embeds.shape[0], 1, -1)
+        return self.backbone.hidden(torch.cat([T, embeds[:, :j], T], dim=1))[:, -1]
+
+    def forward(self, tokens: torch.Tensor, target: Optional[torch.Tensor] = None, reduction: str = "mean"):
+        """Logits [B, S, V] of the window read segment by segment, or the loss over the labels
+        (mean, or sum with reduction="sum", as LMTransformer: the shared training loop calls it)."""
+        args, L = self.args, self.args.content_length
+        B = tokens.shape[0]
+        cache = MemoryCache(args.mem_recall_context, args.mem_prune)
+        last_memory: Optional[torch.Tensor] = None
+        previous: Optional[torch.Tensor] = None  # embeddings of the previous segment
+        self.last_recall_weights = []
+        outputs, loss = [], None
+        for index, start in enumerate(range(0, tokens.shape[1], L)):
+            embeds = self.backbone.embed(tokens[:, start : start + L])
+            memory = None
+            if args.uses_memory:
+                memory = self.initial_memory.expand(B, -1) if last_memory is None else last_memory
+                if args.mode == "hmt":
+                    memories = cache.memories if len(cache) else self.initial_memory.expand(B, 1, -1)
+                    memory, weights = self.recall(self.summary(embeds), memories)
+                    if len(cache):
+                        cache.attended(weights)
+                        self.last_recall_weights.append(weights.detach())
+            sensory = previous[:, -args.sensory :] if previous is not None and args.sensory else None
+            inputs, offset = self.segment_inputs(embeds, memory, sensory)
+            hidden = self.backbone.hidden(inputs)
+            logits = self.backbone.logits(hidden[:, offset : offset + embeds.shape[1]])
+            if args.uses_memory:
+                last_memory = hidden[:, -1]
+                cache.append(last_memory)
+            previous = embeds
+            if args.bptt_depth > 0 and (index + 1) % args.bptt_depth == 0:
+                last_memory = last_memory.detach() if last_memory is not None else None
+                previous = previous.detach()
+                cache.detach()
+            if target is None:
+                outputs.append(logits)
+                continue
+            part = F.cross_entropy(logits.flatten(0, 1).float(), target[:, start : start + L].flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = part if loss is None else loss + part
+        if target is None:
+            return torch.cat(outputs, dim=1)
+        return loss if reduction == "sum" else loss / (target != IGNORE_INDEX).sum().clamp(min=1)

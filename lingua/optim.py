@@ -40,7 +40,7 @@ class OptimArgs:
     beta1: float = 0.9
     beta2: float = 0.95
     clip: float = 1.0
-    scheduler: str = choice("cosine", ("constant", "linear", "inv_sqrt", "cosine", "wsd"))
+    scheduler: str = choice("cosine", ("constant", "linear", "inv_sqrt", "cosine", "wsd", "step"))
     warmup: int = 2000
     lr_min_ratio: float = 0.1
     cycle_length: float = 1.0
@@ -52,6 +52,10 @@ class OptimArgs:
     memory_lr: Optional[float] = None
     lora_lr: Optional[float] = None
     base_model_lr: Optional[float] = None
+    # Not in Meta Lingua: scheduler=step multiplies the lr by step_gamma every step_size steps
+    # after warmup (torch's StepLR, as HMT's --lr_decay).
+    step_size: int = 100
+    step_gamma: float = 0.8
 
     def component_lr(self, component: str) -> float:
         lr = {"base": self.base_model_lr, "memory": self.memory_lr, "lora": self.lora_lr}[component]
@@ -108,8 +112,16 @@ def lr_wsd(step: int, warmup: int, n_steps: int, decay_fraction: float, cycle_le
     return min_ratio + (1.0 - min_ratio) * (1.0 - math.sqrt(min(1.0, progress)))
 
 
+def lr_step(step: int, warmup: int, step_size: int, gamma: float) -> float:
+    w = _warmup(step, warmup)
+    return w if w is not None else gamma ** ((step - warmup) // step_size)
+
+
 def build_lr_fn(args: OptimArgs, n_steps: int) -> Callable[[int], float]:
+    if args.scheduler == "step" and args.step_size < 1:
+        raise ValueError(f"optim.step_size must be >= 1, got {args.step_size}")
     return {
+        "step": partial(lr_step, warmup=args.warmup, step_size=args.step_size, gamma=args.step_gamma),
         "constant": partial(lr_constant, warmup=args.warmup),
         "linear": partial(lr_linear, warmup=args.warmup, n_steps=n_steps, min_ratio=args.lr_min_ratio),
         "inv_sqrt": partial(lr_inv_sqrt, warmup=args.warmup, exp_factor=args.exp_factor, min_ratio=args.lr_min_ratio),

@@ -77,9 +77,10 @@ def read_losses(dump_dir: Path) -> dict[int, float]:
     return {r["global_step"]: r["loss/out"] for r in rows}
 
 
-def train_killed_after_first_save_then_resumed(monkeypatch, args) -> None:
-    """train(args()) interrupted right after its first checkpoint save (a KeyboardInterrupt,
-    as a Ctrl-C there would), then run again on fresh args to the end: it resumes."""
+def train_killed_after_first_save_then_resumed(monkeypatch, args, **parts) -> None:
+    """train(args(), **parts) interrupted right after its first checkpoint save (a
+    KeyboardInterrupt, as a Ctrl-C there would), then run again on fresh args to the end: it
+    resumes. `parts`: an app's build_model_fn / build_loader_fn / tokenizer_fn."""
     from apps.main.train import train
     from lingua.checkpoint import CheckpointManager
 
@@ -92,8 +93,8 @@ def train_killed_after_first_save_then_resumed(monkeypatch, args) -> None:
     with monkeypatch.context() as patch:
         patch.setattr(CheckpointManager, "save", save_then_die)
         with pytest.raises(KeyboardInterrupt):
-            train(args())
-    train(args())
+            train(args(), **parts)
+    train(args(), **parts)
 
 
 def decode_step_by_step(model, x, prefix: int, cache_len: int):

@@ -366,3 +366,17 @@ def test_component_learning_rates_and_a_frozen_component() -> None:
         assert moved == (not name.startswith("adapter.")), name
     with pytest.raises(ValueError, match="frozen"):
         build_optimizer(ComponentNet(), OptimArgs(lr=0.0), 10)
+
+
+def test_step_schedule_is_torch_steplr_after_warmup():
+    from torch.optim.lr_scheduler import StepLR
+
+    fn = build_lr_fn(OptimArgs(scheduler="step", warmup=0, step_size=3, step_gamma=0.8), 20)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = StepLR(opt, step_size=3, gamma=0.8)
+    for step in range(10):
+        assert fn(step) == pytest.approx(opt.param_groups[0]["lr"]), step
+        opt.step()
+        ref.step()
+    warm = build_lr_fn(OptimArgs(scheduler="step", warmup=4, step_size=3, step_gamma=0.5), 20)
+    assert [warm(s) for s in range(9)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5]

@@ -38,6 +38,7 @@ from torch import nn
 
 from lingua.args import choice
 from lingua.data import IGNORE_INDEX
+from lingua.transformer import ParamInit
 
 MODES = ("hmt", "stage1", "rmt", "baseline")
 
@@ -80,15 +81,28 @@ class HMTArgs:
 
 
 class LinguaBackbone(nn.Module):
-    """An apps/main LMTransformer as HMT's backbone."""
+    """An apps/main LMTransformer as HMT's backbone; `weights`: the checkpoint (DCP dir or
+    consolidated file) its parameters start from (None: from the model's seed)."""
 
     optim_component = "base"
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, weights: Optional[str] = None):
         super().__init__()
-        self.model = model
+        self.model, self.weights = model, weights
         self.dim = model.args.dim
         self.max_len = model.args.max_seqlen
+
+    def reset_parameters(self, init: ParamInit) -> None:
+        if self.model.weight_tying:  # to_empty re-creates the two as separate tensors
+            self.model.output.weight = self.model.tok_embeddings.weight
+        self.model.reset_parameters(init)
+        if self.weights is not None:
+            from lingua.checkpoint import load_model_weights
+
+            load_model_weights(self.weights, self.model)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.model.flops_per_token(seq_len)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(tokens)
@@ -115,6 +129,10 @@ class HFBackbone(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(tokens)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        n = sum(p.numel() for p in self.model.parameters()) - self.model.get_input_embeddings().weight.numel()
+        return 6.0 * n
+
     def hidden(self, embeds: torch.Tensor) -> torch.Tensor:
         return self.model.base_model(inputs_embeds=embeds).last_hidden_state
 
@@ -136,10 +154,6 @@ class MemoryRecall(nn.Module):
         q, k = self.wq(summary), self.wk(memories)
         weights = torch.softmax(torch.einsum("bh,bnh->bn", q, k).float() / math.sqrt(q.shape[-1]), dim=-1)
         return torch.einsum("bn,bnd->bd", weights.to(memories.dtype), memories), weights
-
-    def reset_parameters(self, std: float, generator: Optional[torch.Generator] = None) -> None:
-        for w in (self.wq.weight, self.wk.weight):
-            nn.init.trunc_normal_(w, std=std, a=-3 * std, b=3 * std, generator=generator)
 
 
 class MemoryCache:
@@ -197,21 +211,32 @@ class HMT(nn.Module):
         self.memory_token = nn.Parameter(torch.empty(d))  # T, around the representation's input
         self.initial_memory = nn.Parameter(torch.empty(d))  # P_1, and recall's memory before any
         self.recall = MemoryRecall(d, args.mem_recall_hidden_dim) if args.mode == "hmt" else None
-        self.reset_memory_parameters()
+        if not self.memory_token.is_meta:
+            self.reset_memory_parameters(ParamInit(0))
         self.last_recall_weights: list[torch.Tensor] = []  # of the last forward, for --plot_hist
 
+    def reset_parameters(self, init: ParamInit) -> None:
+        """The backbone's initialisation (its pretrained weights when it has some), then HMT's."""
+        self.backbone.reset_parameters(init)
+        self.reset_memory_parameters(init)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per text token: the backbone's over the segment's whole input, and the
+        representation's read (forward only counts as much: its gradient flows too)."""
+        a = self.args
+        reads = a.segment_length + (round(a.sum_fraction * a.content_length) + 2 if a.mode == "hmt" else 0)
+        return self.backbone.flops_per_token(a.segment_length) * reads / a.content_length
+
     @torch.no_grad()
-    def reset_memory_parameters(self, seed: int = 0) -> None:
+    def reset_memory_parameters(self, init: ParamInit) -> None:
         """As the reference: memory embeddings at the scale of the token embeddings."""
-        if self.memory_token.is_meta:
-            return
-        generator = torch.Generator(device=self.memory_token.device).manual_seed(seed)
-        scale = float(self.backbone.embed(torch.zeros(1, dtype=torch.long, device=self.memory_token.device)).std())
+        scale = float(self.backbone.embed(torch.arange(8, device=self.memory_token.device)).float().std())
         scale = scale if math.isfinite(scale) and scale > 0 else 0.02
         for p in (self.memory_token, self.initial_memory):
-            p.copy_(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * scale)
+            init.trunc_normal_(p, scale)
         if self.recall is not None:
-            self.recall.reset_parameters(self.backbone.dim ** -0.5, generator)
+            for w in (self.recall.wq.weight, self.recall.wk.weight):
+                init.trunc_normal_(w, self.backbone.dim ** -0.5)
 
     def segment_inputs(self, embeds: torch.Tensor, memory: Optional[torch.Tensor],
                        sensory: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -93,6 +93,11 @@ class TrainArgs:
     async_eval_gpus: Optional[int] = None  # set: eval runs as its own SLURM job with this many GPUs (0: CPU)
     eval: Optional[dict[str, Any]] = None  # EvalArgs fields; run in-process every checkpoint.eval.every
 
+    def max_window(self) -> Optional[int]:
+        """The longest data.seq_len the model reads (None: any; a model that reads the window in
+        segments checks its own segment length)."""
+        return self.model.max_seqlen
+
 
 @dataclass
 class TrainState:
@@ -151,7 +156,7 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
         if obj < 1:
             hint = " (eval=null turns validation off)" if key == "checkpoint.eval.every" else ""
             raise ConfigError(f"config key '{key}' must be >= 1, got {obj}{hint}")
-    if args.data.seq_len > args.model.max_seqlen:
+    if args.max_window() is not None and args.data.seq_len > args.max_window():
         raise ConfigError(f"data.seq_len={args.data.seq_len} exceeds model.max_seqlen={args.model.max_seqlen}")
     check_memory_model(args)
     if args.probe_freq:
@@ -220,8 +225,13 @@ def check_storage(args: "TrainArgs", eval_args: Optional[EvalArgs], world_size: 
 
 def data_and_tokenizer(args: "TrainArgs"):
     """Checks the data sources (errors before any work, naming the source) and builds the
-    tokenizer; model.vocab_size <= 0 takes the tokenizer's, a smaller one is an error."""
+    tokenizer (model_tokenizer)."""
     source_files(args.data)
+    return model_tokenizer(args)
+
+
+def model_tokenizer(args: "TrainArgs"):
+    """data.tokenizer; model.vocab_size <= 0 takes its size, a smaller one is an error."""
     tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
     if args.model.vocab_size <= 0:
         args.model.vocab_size = tokenizer.n_words
@@ -431,9 +441,19 @@ def sync_outputs(*staged: Optional[StagedFile | MetricLogger]) -> None:
             f.sync()
 
 
-def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState:
+def default_loader(args: TrainArgs, dp_rank: int, dp_size: int, state: Optional[dict]):
+    """lingua.data's packed, resumable batches of this data-parallel rank."""
+    return build_data_loader(args.data, dp_rank, dp_size, state, start_method=loader_start_method(args.distributed))
+
+
+def train(args: TrainArgs, build_model_fn: Callable = build_model, build_loader_fn: Callable = default_loader,
+          tokenizer_fn: Optional[Callable] = None) -> TrainState:
+    """The loop. Apps bring their own parts: `build_model_fn(model_args, device)` (a module whose
+    forward(x, target=y, reduction="sum") is the summed loss), `build_loader_fn(args, dp_rank,
+    dp_size, state)` (batches of (inputs, labels) with state_dict / load_state_dict / close) and
+    `tokenizer_fn(args)` (checks the data, returns the tokenizer; default data_and_tokenizer)."""
     eval_args, world, dims = validate_args(args)
-    tokenizer = data_and_tokenizer(args)
+    tokenizer = (tokenizer_fn or data_and_tokenizer)(args)
 
     dump_dir = resolve(args.dump_dir)  # a Path, or a lingua.storage.RemotePath for an fsspec URL
     dump_dir.mkdir(parents=True, exist_ok=True)
@@ -482,8 +502,7 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model) -> TrainState
         gc.disable()  # collect on our schedule: an untimely collection stalls a step
 
         with ExitStack() as stack:
-            loader = build_data_loader(args.data, dp_rank, dp_size, state.data_loader,
-                                       start_method=loader_start_method(args.distributed))
+            loader = build_loader_fn(args, dp_rank, dp_size, state.data_loader)
             stack.callback(loader.close)
             metrics = None
             if world.rank == 0:

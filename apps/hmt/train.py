@@ -1,0 +1,172 @@
+"""Train and evaluate HMT with the HMT users' command line, on apps/main's training loop:
+
+    python -m apps.hmt.train --task_name json --data_dir ./ds --model_name ./dump/debug --batch_size 1 \\
+        --segment_length 128 --bptt_depth 2 --num_sensory 32 --mem_recall_context 20 \\
+        --mem_recall_hidden_dim 64 --training_step 40 --eval_step 20 --learning_rate 1e-3 --lr_decay \\
+        --lr_decay_gamma 0.8 --save_ckpt ./ckpt
+    python -m apps.hmt.train --task_name json --data_dir ./ds --model_name ./dump/debug --segment_length 128 \\
+        --mem_recall_context 20 --mem_recall_hidden_dim 64 --load_from_ckpt ./ckpt --inference_only --test_step 5
+
+The flags become an HMTTrainArgs (apps/main's TrainArgs plus `hmt`, `backbone` and `task`), run
+by apps.main.train.train with HMT's model, loader and tokenizer: the same steps, checkpoints
+(DCP, exact resume: `--save_ckpt` is the dump dir), metrics and failures as any run. A training
+window holds bptt_depth segments of one document. After training, or with --inference_only, the
+validation (--eval_step batches) and test (--test_step batches) splits are scored
+(apps/hmt/eval.py): PPL = exp(mean loss per token), to metrics.eval.jsonl.
+
+The backbone (`--model_name`) is an apps/main dump dir or checkpoint (dense, product keys, mHC).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from apps.hmt.args import HMTCliArgs, parse_hmt_args
+from apps.hmt.data import DocumentBatches, document_windows, load_texts
+from apps.hmt.model import HMT, HMTArgs, LinguaBackbone
+from apps.main.eval import resolve_ckpt_dir
+from apps.main.train import NonFiniteLoss, StepOutOfMemory, TrainArgs, model_tokenizer, train
+from apps.main.transformer import LMTransformer, LMTransformerArgs
+from lingua.args import ConfigError, load_params
+from lingua.checkpoint import DiskFull
+from lingua.data import DataArgs, DataError
+from lingua.distributed import shutdown_distributed
+
+logger = logging.getLogger(__name__)
+
+NOT_YET = ("use_lora", "dynamic", "interleave_dataset", "dilate_dataset", "generate", "plot_hist", "streaming",
+           "hmt_stage_2")
+
+
+@dataclass
+class HMTTaskArgs:
+    task_name: str = "wikitext"
+    task_config: Optional[str] = None
+    data_dir: Optional[str] = None
+    cache_dir: str = "."
+    train_set_split: Optional[str] = None
+    shuffle: bool = False
+
+
+@dataclass
+class HMTTrainArgs(TrainArgs):
+    hmt: HMTArgs = field(default_factory=HMTArgs)
+    backbone: str = ""  # the backbone's checkpoint (its weights start the run)
+    task: HMTTaskArgs = field(default_factory=HMTTaskArgs)
+
+    def max_window(self) -> Optional[int]:
+        return None  # HMT reads segment_length at a time (HMTArgs.check, against the backbone)
+
+
+def backbone_checkpoint(model_name: str):
+    if not model_name:
+        raise ConfigError("--model_name is required (the backbone: an apps/main dump dir or checkpoint)")
+    path = Path(model_name)
+    if (path / "config.json").exists() and not (path / "params.json").exists():
+        raise ConfigError(f"--model_name {model_name} is a Hugging Face directory: apps.hmt.train runs apps/main "
+                          "backbones for now (import it with `python -m apps.main.import_hf hf_dir=... dump_dir=...` "
+                          "and give that dump dir)")
+    try:
+        return resolve_ckpt_dir(model_name)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--model_name: {e}") from None
+
+
+def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
+    """The HMT flags as a training config (the backbone's model and tokenizer keys)."""
+    used = [f"--{name}" for name in NOT_YET if getattr(cli, name)]
+    if used:
+        raise ConfigError(f"{', '.join(used)}: not supported by apps.hmt.train yet")
+    ckpt = backbone_checkpoint(cli.model_name)
+    model = load_params(ckpt / "params.json", LMTransformerArgs, "model")
+    backbone_data = load_params(ckpt / "params.json", DataArgs, "data")
+    hmt = HMTArgs(mode=cli.mode, segment_length=cli.segment_length, num_sensory=cli.num_sensory,
+                  mem_recall_context=cli.mem_recall_context, mem_recall_hidden_dim=cli.mem_recall_hidden_dim,
+                  sum_fraction=cli.sum_fraction, bptt_depth=cli.bptt_depth, mem_prune=cli.mem_prune)
+    try:
+        hmt.check()
+    except ValueError as e:
+        raise ConfigError(f"--{e}") from None
+    if cli.segment_length > model.max_seqlen:
+        raise ConfigError(f"--segment_length {cli.segment_length} exceeds the backbone's max_seqlen "
+                          f"{model.max_seqlen} ({ckpt})")
+    steps = cli.training_step * cli.num_epochs
+    args = HMTTrainArgs(
+        name=cli.wandb_run or "hmt", dump_dir=cli.save_ckpt or f"./dump/hmt_{cli.task_name.replace('/', '_')}",
+        seed=cli.seed, steps=steps, model=model, hmt=hmt, backbone=str(ckpt),
+        task=HMTTaskArgs(cli.task_name, cli.task_config, cli.data_dir, cli.cache_dir, cli.train_set_split, cli.shuffle),
+    )
+    # A training window: bptt_depth segments of text (2 without truncation), as the reference.
+    args.data.seq_len = max(cli.bptt_depth, 1 if cli.bptt_depth else 2) * hmt.content_length
+    args.data.batch_size, args.data.tokenizer, args.data.load_async = cli.batch_size, backbone_data.tokenizer, False
+    args.optim.lr, args.optim.warmup, args.optim.weight_decay = cli.learning_rate, 0, 0.01
+    args.optim.scheduler = "step" if cli.lr_decay else "constant"
+    args.optim.step_size, args.optim.step_gamma = 100, cli.lr_decay_gamma
+    args.distributed.model_dtype = "fp16" if cli.fp16 else "bf16" if cli.bf16 else "fp32"
+    args.checkpoint.dump.every = args.checkpoint.eval.every = max(1, steps)
+    args.logging.freq = max(1, min(50, steps // 10 or 1))
+    if cli.wandb_project:
+        args.logging.wandb = {"project": cli.wandb_project, "name": cli.wandb_run, "entity": cli.wandb_entity}
+    return args
+
+
+def build_hmt(args: HMTTrainArgs, device: torch.device | str = "cpu") -> HMT:
+    """The HMT model on `device` (meta: the loop shards, materialises and initialises it; its
+    backbone's initialisation is the backbone checkpoint's weights)."""
+    with torch.device(device):
+        backbone = LinguaBackbone(LMTransformer(args.model), weights=args.backbone)
+        return HMT(backbone, args.hmt)
+
+
+def hmt_loader(split: str = "train"):
+    """The loop's build_loader_fn: this rank's windows of one split's documents."""
+    def build(args: HMTTrainArgs, dp_rank: int, dp_size: int, state: Optional[dict]) -> DocumentBatches:
+        tokenizer = model_tokenizer(args)
+        t = args.task
+        texts = load_texts(t.task_name, split, t.task_config, t.data_dir, t.cache_dir, t.train_set_split)
+        docs = [tokenizer.encode(text, add_bos=True, add_eos=True) for text in texts]
+        batches = DocumentBatches(document_windows(docs, args.data.seq_len), args.data.batch_size, dp_rank, dp_size,
+                                  seed=args.seed, shuffle=t.shuffle or split == "train")
+        if state is not None:
+            batches.load_state_dict(state)
+        return batches
+    return build
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    from apps.hmt.eval import evaluate_splits
+    from lingua.logger import init_logger
+
+    try:
+        cli = parse_hmt_args(list(sys.argv[1:] if argv is None else argv))
+        args = to_train_args(cli)
+        # the datasets must load before any work (a missing one fails here, naming it)
+        load_texts(args.task.task_name, "test" if cli.inference_only else "train", args.task.task_config,
+                   args.task.data_dir, args.task.cache_dir, args.task.train_set_split, limit=1)
+        if cli.inference_only:
+            init_logger(0)
+            ckpt = resolve_ckpt_dir(cli.load_from_ckpt)
+        else:
+            train(args, build_model_fn=lambda _, device: build_hmt(args, device), build_loader_fn=hmt_loader(),
+                  tokenizer_fn=model_tokenizer)
+            ckpt = resolve_ckpt_dir(args.dump_dir)
+        results = evaluate_splits(args, ckpt, eval_batches=cli.eval_step, test_batches=cli.test_step,
+                                  splits=("test",) if cli.inference_only else ("validation", "test"))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (NonFiniteLoss, StepOutOfMemory, DiskFull) as e:
+        logger.error("%s", e)
+        raise SystemExit(1) from None
+    shutdown_distributed()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""apps.hmt.train on apps/main's loop: the HMT users' commands on a tiny backbone and a local
+dataset, exact resume, PPL over tokens, and the errors before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from apps.hmt.args import parse_hmt_args
+from apps.hmt.train import build_hmt, hmt_loader, main, to_train_args
+from apps.main.train import model_tokenizer, train
+from apps.main.transformer import LMTransformerArgs, build_model
+from lingua.checkpoint import save_model_checkpoint
+from tests.conftest import read_losses, train_killed_after_first_save_then_resumed
+
+pytest.importorskip("datasets")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def backbone(tmp_path):
+    args = LMTransformerArgs(dim=32, n_layers=2, n_heads=2, vocab_size=258, max_seqlen=32, seed=2)
+    params = {"model": asdict(args), "data": {"tokenizer": {"name": "bytes"}}}
+    save_model_checkpoint(build_model(args), tmp_path / "backbone/checkpoints/0000000100", params)
+    return tmp_path / "backbone"
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    for split, n in (("train", 12), ("validation", 3), ("test", 3)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"def {split}_{i}(x):\n    return x * {i} + {i % 3}\n" * 3}) + "\n")
+    return d
+
+
+def flags(dataset, backbone, *extra) -> list[str]:
+    return ["--task_name", "json", "--data_dir", str(dataset), "--model_name", str(backbone), "--batch_size", "2",
+            "--segment_length", "16", "--bptt_depth", "2", "--num_sensory", "2", "--mem_recall_context", "4",
+            "--mem_recall_hidden_dim", "8", "--learning_rate", "1e-3", "--eval_step", "1", "--test_step", "1", *extra]
+
+
+def test_train_then_inference_commands(tmp_path, dataset, backbone, capsys):
+    ckpt = tmp_path / "ckpt"
+    results = main(flags(dataset, backbone, "--training_step", "3", "--lr_decay", "--save_ckpt", str(ckpt)))
+    assert (ckpt / "checkpoints/0000000003/.metadata").exists()
+    assert sorted(read_losses(ckpt)) == [1, 2, 3]
+    rows = [json.loads(line) for line in open(ckpt / "metrics.eval.jsonl")]
+    assert rows[-1]["global_step"] == 3 and set(results) == {"validation", "test"}
+    for split in ("validation", "test"):
+        r = rows[-1][split]
+        assert r["ppl"] == pytest.approx(math.exp(r["loss"])) and r["docs"] == 2 and r["tokens"] > 0
+    out = capsys.readouterr().out
+    assert "test PPL" in out
+    again = main(flags(dataset, backbone, "--load_from_ckpt", str(ckpt), "--inference_only"))
+    assert again["test"]["ppl"] == pytest.approx(results["test"]["ppl"], rel=1e-5)  # the same model and args
+
+
+def test_hmt_resumes_exactly(tmp_path, dataset, backbone, monkeypatch):
+    def args_for(dump):
+        def make():
+            a = to_train_args(parse_hmt_args(flags(dataset, backbone, "--training_step", "4", "--shuffle",
+                                                   "--save_ckpt", str(dump))))
+            a.checkpoint.dump.every, a.logging.freq = 2, 1
+            return a
+        return make
+
+    def parts(make):
+        return dict(build_model_fn=lambda _, device: build_hmt(make(), device), build_loader_fn=hmt_loader(),
+                    tokenizer_fn=model_tokenizer)
+
+    straight, resumed = args_for(tmp_path / "straight"), args_for(tmp_path / "resumed")
+    train(straight(), **parts(straight))
+    train_killed_after_first_save_then_resumed(monkeypatch, resumed, **parts(resumed))
+    losses = read_losses(tmp_path / "resumed")
+    assert sorted(losses) == [1, 2, 3, 4] and losses == read_losses(tmp_path / "straight")
+
+
+def test_perplexity_is_over_tokens_not_a_mean_of_exps():
+    from apps.hmt.eval import split_perplexity
+
+    class Fixed(torch.nn.Module):  # a model whose loss per token is known: uniform logits
+        training = False
+
+        def forward(self, x):
+            return torch.zeros(*x.shape, 4)
+
+    r = split_perplexity(Fixed(), [[0, 1, 2], [0] * 9], torch.device("cpu"))
+    assert r["tokens"] == 2 + 8 and r["ppl"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model_name", "/nonexistent"], "--model_name"),
+    (["--use_lora"], "--use_lora: not supported"),
+    (["--task_name", "nobody/nothing"], "--task_name nobody/nothing"),
+    (["--segment_length", "64"], "exceeds the backbone's max_seqlen"),
+    (["--segment_length", "4"], "segment_length"),
+])
+def test_bad_commands_exit_2_naming_the_flag(dataset, backbone, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        main(flags(dataset, backbone, "--training_step", "1", *extra))
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -199,3 +199,73 @@ def test_training_loop_on_two_ranks_runs_the_harness_on_whole_replicas(tmp_path,
     assert set(in_loop) == {"tiny_mc", "tiny_ppl"}
     for task in in_loop:
         assert in_loop[task] == pytest.approx(command[task], rel=1e-5), task
+
+
+class RecordingBytes(ByteTokenizer):
+    """Bytes, remembering the last token list it decoded (what generation produced)."""
+
+    def decode(self, tokens):
+        self.last = list(tokens)
+        return super().decode(tokens)
+
+
+def test_generation_leaves_room_for_the_answer_after_a_long_prompt():
+    model, tok = tiny_model(), RecordingBytes()
+    with torch.no_grad():
+        model.output.weight[tok.eos_id] = 0.0  # no early stop: every answer runs to max_gen_toks
+    lm = LinguaLM(model, tok, torch.device("cpu"))
+    lm.generate_until([request("generate_until", "z" * 40, {"until": [], "max_gen_toks": 10})])
+    assert len(tok.last) == 10  # the prompt kept its last 32 - 10 tokens, as lm-eval's HF model does
+
+
+def test_a_continuation_longer_than_the_window_is_scored_on_its_tail():
+    model, tok = tiny_model(), ByteTokenizer()
+    lm = LinguaLM(model, tok, torch.device("cpu"))
+    (logprob, _), = lm.loglikelihood([request("loglikelihood", "ab", "c" * 40)])
+    whole = tok.encode("ab" + "c" * 40, add_bos=True, add_eos=False)[-(MAX_LEN + 1):]
+    assert logprob == pytest.approx(direct_logprob(model, whole, MAX_LEN), abs=1e-4)
+
+
+def test_the_boundary_is_that_of_the_whole_encoding_with_sentencepiece(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    from lingua.tokenizer import build_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the function_{i} returns value_{i % 9}" for i in range(400)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=150,
+                                   model_type="bpe", bos_id=1, eos_id=2, pad_id=3, unk_id=0, minloglevel=2)
+    tok = build_tokenizer("sp", str(tmp_path / "sp.model"))
+    lm = LinguaLM(tiny_model(), tok, torch.device("cpu"))
+    text = "the function_3 returns value_3"
+
+    def encodings(cut):
+        context, continuation = text[:cut], text[cut:]
+        separate = tok.encode(context, add_bos=True, add_eos=False) + tok.encode(continuation, add_bos=False,
+                                                                               add_eos=False)
+        return context, continuation, separate, tok.encode(text, add_bos=True, add_eos=False)
+
+    # a cut inside a merged piece (not at a space): separate encodings differ from the whole one
+    crossing = [c for c in range(4, len(text) - 2) if text[c - 1] != " " and text[c] != " "
+                and encodings(c)[2] != encodings(c)[3]]
+    assert crossing
+    for cut in crossing:
+        context, continuation, _, whole = encodings(cut)
+        context_ids, continuation_ids = lm.encode_pair(context, continuation)
+        own = tok.encode(context, add_bos=True, add_eos=False)
+        if len(own) < len(whole):
+            assert context_ids + continuation_ids == whole, cut  # lm-eval's boundary: the whole encoding
+        else:  # the whole encoding leaves the continuation nothing: the two encoded apart
+            assert (context_ids, continuation_ids) == (own, tok.encode(continuation, add_bos=False, add_eos=False))
+        assert continuation_ids, cut
+
+
+def test_a_bad_harness_task_in_a_training_config_stops_before_training(tmp_path, corpus):
+    from apps.main.train import TrainArgs, validate_args
+    from lingua.args import ConfigError, load_config
+
+    tasks = write_tasks(tmp_path, ["a"])
+    args = load_config(TrainArgs, tiny_overrides(corpus, tmp_path / "dump", **{
+        "eval.harness.tasks": "[tiny_mcq]", "eval.harness.include_path": str(tasks)}))
+    with pytest.raises(ConfigError, match="tiny_mcq"):
+        validate_args(args)
+    assert not (tmp_path / "dump").exists()

@@ -259,6 +259,12 @@ def load_model_from_checkpoint(ckpt_dir: StoragePath, device: torch.device) -> t
     return model, tokenizer, config
 
 
+def step_checkpoint(ckpt: StoragePath) -> StoragePath:
+    """The step checkpoint dir (<dump_dir>/checkpoints/<step>) of `ckpt`, which may be its
+    consolidated/ dir (lingua.checkpoint.consolidate_checkpoint)."""
+    return ckpt.parent if ckpt.name == "consolidated" else ckpt
+
+
 def resolve_ckpt_dir(path: str) -> StoragePath:
     """A checkpoint dir, or a dump dir / checkpoints dir (its newest checkpoint); a path or an
     fsspec URL."""
@@ -301,9 +307,11 @@ def evaluate(args: EvalArgs, info: WorldInfo, device: torch.device) -> dict:
         raise ConfigError("nothing to evaluate: validation is null and neither pairs.path nor harness.tasks is set")
     model, tokenizer, config = load_model_from_checkpoint(ckpt, device)
     data_args = load_params(ckpt / "params.json", DataArgs, "data")
-    step = args.global_step if args.global_step is not None else int(ckpt.name) if ckpt.name.isdigit() else None
+    step_dir = step_checkpoint(ckpt)
+    step = args.global_step if args.global_step is not None else int(step_dir.name) if step_dir.name.isdigit() \
+        else None
     out_dir = resolve(args.metric_log_dir or args.dump_dir) if (args.metric_log_dir or args.dump_dir) \
-        else ckpt.parent.parent
+        else step_dir.parent.parent
     results: dict = {}
     if args.validation is not None:
         results = run_validation(model, tokenizer, args.validation, data_args, device, info.rank, info.world_size)

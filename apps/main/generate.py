@@ -60,8 +60,10 @@ def sample_next(logits: torch.Tensor, args: GeneratorArgs, generator: torch.Gene
 
 
 @torch.no_grad()
-def generate(model: LMTransformer, tokenizer: Tokenizer, prompts: list[str], args: GeneratorArgs) -> list[str]:
-    """One completion per prompt (each prompt decoded on its own, batch 1)."""
+def generate(model: LMTransformer, tokenizer: Tokenizer, prompts: list[str], args: GeneratorArgs,
+             prompt_budget: Optional[int] = None) -> list[str]:
+    """One completion per prompt (each prompt decoded on its own, batch 1); `prompt_budget`: a
+    prompt keeps at most its last that many tokens (default: all that fit with one more)."""
     device = next(model.parameters()).device
     max_tokens = min(args.max_tokens or model.args.max_seqlen, model.args.max_seqlen)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -70,7 +72,8 @@ def generate(model: LMTransformer, tokenizer: Tokenizer, prompts: list[str], arg
     if segmented:  # positions restart in every segment: only max_tokens bounds the length
         max_tokens = args.max_tokens or 1 << 30
     for prompt in prompts:
-        tokens = tokenizer.encode(prompt, add_bos=True, add_eos=False)[-(max_tokens - 1) :]
+        keep = max_tokens - 1 if prompt_budget is None else min(prompt_budget, max_tokens - 1)
+        tokens = tokenizer.encode(prompt, add_bos=True, add_eos=False)[-keep:]
         if segmented:  # the memory is built from the prompt's segments, then carried on
             decoder = model.new_segment_decoder(1)
             step = lambda t, pos: decoder.feed(t)  # noqa: E731

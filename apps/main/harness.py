@@ -81,11 +81,15 @@ class LinguaLM(LM):
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             sampling = bool(kwargs.pop("do_sample", False))
+            max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_len))
             args = GeneratorArgs(
                 temperature=float(kwargs.pop("temperature", 1.0 if sampling else 0.0)) if sampling else 0.0,
-                max_gen_len=int(kwargs.pop("max_gen_toks", self.max_gen_len)), until=until,
+                max_gen_len=max_gen, until=until,
             )
-            out.append(generate(self.model, self.tokenizer, [context], args)[0])
+            # As lm-eval's HF model: the context keeps its last max_len - max_gen_toks tokens, so
+            # a long few-shot prompt still leaves room for the answer.
+            budget = None if self.max_len is None else max(1, self.max_len - max_gen)
+            out.append(generate(self.model, self.tokenizer, [context], args, prompt_budget=budget)[0])
         return out
 
     # --- tokens and scores -------------------------------------------------------------
@@ -95,8 +99,10 @@ class LinguaLM(LM):
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self.tokenizer.encode(context + continuation, add_bos=True, add_eos=False)
-        n_context = len(self.tokenizer.encode(context, add_bos=True, add_eos=False))
-        return whole[:n_context], whole[n_context:]
+        context_ids = self.tokenizer.encode(context, add_bos=True, add_eos=False)
+        if len(context_ids) >= len(whole):  # the pair merges into the context's tokens: encode them apart
+            return context_ids, self.tokenizer.encode(continuation, add_bos=False, add_eos=False)
+        return whole[: len(context_ids)], whole[len(context_ids) :]
 
     def rolling_windows(self, tokens: list[int]) -> list[tuple[list[int], list[int]]]:
         """(context, predicted) pieces that predict every token once, the first from BOS."""
@@ -131,7 +137,9 @@ class LinguaLM(LM):
                 x[row, : len(tokens)] = torch.tensor(tokens)
             logprobs = F.log_softmax(self.model(x.to(self.device)).float(), dim=-1)
             for row, (i, tokens, continuation) in enumerate(batch):
-                n = len(continuation)
+                # a continuation longer than the window is scored on its last max_len tokens
+                n = min(len(continuation), len(tokens))
+                continuation = continuation[-n:]
                 scored = logprobs[row, len(tokens) - n : len(tokens)]  # predictions of the continuation
                 target = torch.tensor(continuation, device=scored.device)
                 total = scored.gather(-1, target[:, None]).sum().item()
@@ -173,10 +181,9 @@ def task_manager(args: "LMHarnessArgs"):
     return TaskManager(include_path=paths or None, include_defaults=include_defaults)
 
 
-def run_harness(args: "LMHarnessArgs", model, tokenizer, device: torch.device) -> Optional[dict]:
-    """simple_evaluate on args.tasks; lm-eval's results dict on rank 0, None on the others."""
-    from lm_eval import simple_evaluate
-
+def checked_task_manager(args: "LMHarnessArgs"):
+    """The TaskManager, once every named task is known to it: ConfigError naming harness.tasks
+    otherwise (the training loop calls this before its first step)."""
     if not args.tasks:
         raise ConfigError("harness.tasks is empty: name at least one lm-eval task")
     manager = task_manager(args)
@@ -185,12 +192,22 @@ def run_harness(args: "LMHarnessArgs", model, tokenizer, device: torch.device) -
     if unknown:
         where = f"in {args.include_path}" if args.include_path else "among lm-eval's tasks"
         raise ConfigError(f"harness.tasks: {unknown} not found {where}")
+    return manager
+
+
+def run_harness(args: "LMHarnessArgs", model, tokenizer, device: torch.device) -> Optional[dict]:
+    """simple_evaluate on args.tasks; lm-eval's results dict on rank 0, None on the others."""
+    from lm_eval import simple_evaluate
+
+    manager = checked_task_manager(args)
     lm = LinguaLM(model, tokenizer, device, args.batch_size, args.rolling_context_len)
     was_training = model.training
     model.eval()
     try:
         results = simple_evaluate(
             model=lm, tasks=list(args.tasks), num_fewshot=args.num_fewshot, limit=args.limit,
+            use_cache=args.use_cache, cache_requests=args.cache_requests,
+            rewrite_requests_cache=args.rewrite_requests_cache, delete_requests_cache=args.delete_requests_cache,
             bootstrap_iters=args.bootstrap_iters, check_integrity=args.check_integrity, write_out=args.write_out,
             log_samples=args.log_samples, system_instruction=args.system_instruction,
             apply_chat_template=args.apply_chat_template, fewshot_as_multiturn=args.fewshot_as_multiturn,

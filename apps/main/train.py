@@ -188,6 +188,10 @@ def validate_args(args: TrainArgs) -> tuple[Optional[EvalArgs], WorldInfo, Paral
         raise ConfigError("eval.pairs.path in the training loop runs on one process (each pair generates a "
                           "different number of tokens, which a sharded model cannot follow): evaluate the "
                           "checkpoints with `python -m apps.main.eval ckpt_dir=... pairs.path=...` instead")
+    if in_loop_eval and eval_args.harness.tasks:  # a bad task must not wait for the first eval
+        from apps.main.harness import checked_task_manager
+
+        checked_task_manager(eval_args.harness)
     return eval_args, world, dims
 
 
@@ -540,7 +544,8 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model, build_loader_
                 new_best = False
                 if due.eval and args.async_eval_gpus is None:
                     results = validate_in_loop(model, tokenizer, eval_args, args, device, dp_rank, dp_size, dims.tp,
-                                               precision, state.step, dump_dir if world.rank == 0 else None)
+                                               precision, state.step, dump_dir if world.rank == 0 else None,
+                                               build_model_fn)
                     sync_outputs(train_log)
                     new_best = bool(results) and cadence.validated(state.step, results)
                 if due.save:
@@ -645,7 +650,8 @@ def log_step(metrics: Optional[MetricLogger], state: TrainState, result: StepRes
 
 
 def validate_in_loop(model, tokenizer, eval_args: EvalArgs, args: TrainArgs, device, dp_rank: int, dp_size: int,
-                     tp: int, precision, step: int, dump_dir: Optional[StoragePath]) -> dict:
+                     tp: int, precision, step: int, dump_dir: Optional[StoragePath],
+                     build_model_fn: Callable = build_model) -> dict:
     """Validation of the model being trained; dump_dir (rank 0 only) gets metrics.validation.jsonl.
     In the precision it trains in, and eagerly: its other grad mode and batch shapes would each
     compile more graphs of the blocks, up to the recompile limit, past which training runs eager."""
@@ -666,7 +672,8 @@ def validate_in_loop(model, tokenizer, eval_args: EvalArgs, args: TrainArgs, dev
         # The harness gives each rank different requests, which a sharded model cannot follow:
         # with several processes every rank scores its share on a whole replica (as Meta Lingua's
         # in-process eval, which loads the consolidated checkpoint on each rank).
-        replica = model if not (dist.is_available() and dist.is_initialized()) else whole_replica(model, device)
+        replica = model if not (dist.is_available() and dist.is_initialized()) \
+            else whole_replica(model, device, build_model_fn)
         out_dir = resolve(eval_args.metric_log_dir or dump_dir) if dump_dir is not None else None
         with precision(), torch.compiler.set_stance("force_eager"):
             evaluate_harness(eval_args.harness, replica, tokenizer, device, out_dir, step, f"step {step}",
@@ -675,14 +682,16 @@ def validate_in_loop(model, tokenizer, eval_args: EvalArgs, args: TrainArgs, dev
     return results
 
 
-def whole_replica(model: LMTransformer, device: torch.device) -> LMTransformer:
-    """An unsharded copy of a sharded (FSDP/TP) model on this rank, for evaluation; collective."""
+def whole_replica(model, device: torch.device, build_model_fn: Callable = build_model):
+    """An unsharded copy of a sharded (FSDP/TP) model on this rank, for evaluation; collective.
+    It holds the whole model on every rank, besides the shards (as Meta Lingua's in-process
+    eval, which loads the consolidated checkpoint on each rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    with torch.device(device):
-        replica = LMTransformer(model.args)
+    replica = build_model_fn(model.args, device)
     replica.load_state_dict(state)  # strict; the tied output weight comes in through the embedding's
+    del state
     return replica.eval()
 
 

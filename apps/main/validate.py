@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from apps.main.eval import load_model_from_checkpoint, resolve_ckpt_dir
+from apps.main.eval import load_model_from_checkpoint, resolve_ckpt_dir, step_checkpoint
 from apps.main.train import TrainArgs, check_memory_model, data_and_tokenizer
 from apps.main.transformer import IGNORE_INDEX, LMTransformer, LMTransformerArgs, build_model
 from lingua.args import ConfigError, choice, cli_main, load_config, load_params
@@ -154,7 +154,8 @@ def batch_files(data: DataArgs, split: str) -> tuple[str, dict[str, list]]:
 
 def report_path(out: str, ckpt: Optional[StoragePath]) -> StoragePath:
     """Where validate.json goes; an existing file there must be one this command wrote."""
-    path = resolve(out) if out else (ckpt.parent.parent if ckpt is not None else resolve(os.getcwd())) / REPORT
+    dump_dir = step_checkpoint(ckpt).parent.parent if ckpt is not None else resolve(os.getcwd())
+    path = resolve(out) if out else dump_dir / REPORT
     if path.is_dir():
         path = path / REPORT
     if path.exists():

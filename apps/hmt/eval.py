@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -28,9 +29,9 @@ def split_perplexity(model, docs: list[list[int]], device: torch.device, desc: s
     was_training = model.training
     model.eval()
     nll, tokens = 0.0, 0
-    bar = tqdm(docs, desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(docs, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
     try:
-        for doc in bar:
+        for number, doc in enumerate(bar, start=1):
             if len(doc) < 2:
                 continue
             x = torch.tensor([doc[:-1]], device=device)
@@ -38,7 +39,8 @@ def split_perplexity(model, docs: list[list[int]], device: torch.device, desc: s
             loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="sum")
             nll, tokens = nll + loss.item(), tokens + y.numel()
-            bar.write(f"{desc} document {bar.n + 1}: loss {loss.item() / y.numel():.4f}")  # keeps the bar clean
+            # through tqdm, so the bar stays clean; stderr, so stdout keeps the results alone
+            bar.write(f"{desc} document {number}: loss {loss.item() / y.numel():.4f}", file=sys.stderr)
     finally:
         model.train(was_training)
     mean = nll / max(tokens, 1)

@@ -20,7 +20,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -316,16 +316,40 @@ def load_model_and_optim(ckpt: str | os.PathLike | StoragePath, model: torch.nn.
         set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
-def load_model_weights(path: str | os.PathLike | StoragePath, model: torch.nn.Module) -> None:
-    """Model weights only, from a DCP checkpoint dir or a consolidated .pth file (paths or URLs)."""
+def load_model_weights(path: str | os.PathLike | StoragePath, model: torch.nn.Module,
+                       key_map: Optional[Callable[[str], Optional[str]]] = None) -> None:
+    """Model weights only, from a DCP checkpoint dir or a consolidated .pth file (paths or URLs).
+    `key_map`: the checkpoint's name for each of the model's keys (None: a key the checkpoint
+    does not hold, left as it is), e.g. a model whose layers an adapter wrapped since."""
     path = resolve(path)
+    if key_map is None:
+        if path.is_file():
+            with path.open("rb") as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+            state = state.get("model", state)
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+            return
+        load_model_and_optim(path, model, None)
+        return
+    ours = get_model_state_dict(model)
+    names = {key_map(k): k for k in ours if key_map(k) is not None}
+    theirs = {name: ours[k] for name, k in names.items()}
     if path.is_file():
         with path.open("rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-        return
-    load_model_and_optim(path, model, None)
+            saved = torch.load(f, map_location="cpu", weights_only=True)
+        saved = saved.get("model", saved)
+        missing = sorted(set(theirs) - set(saved))
+        if missing:
+            raise KeyError(f"'{path}' lacks {missing[:5]}")
+        theirs = {name: saved[name] for name in theirs}
+    else:
+        if not (path / ".metadata").exists():
+            raise FileNotFoundError(f"'{path}' is not a DCP checkpoint (no .metadata file)")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": theirs}, checkpoint_id=str(path), storage_reader=dcp_reader(path))
+    set_model_state_dict(model, {names[name]: value for name, value in theirs.items()},
+                         options=StateDictOptions(strict=False, full_state_dict=path.is_file()))
 
 
 def save_model_checkpoint(model: torch.nn.Module, ckpt: str | os.PathLike, params: dict) -> Path:

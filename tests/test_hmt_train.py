@@ -102,7 +102,7 @@ def test_perplexity_is_over_tokens_not_a_mean_of_exps():
 
 @pytest.mark.parametrize("extra, message", [
     (["--model_name", "/nonexistent"], "--model_name"),
-    (["--use_lora"], "--use_lora: not supported"),
+    (["--dynamic"], "--dynamic: not supported"),
     (["--task_name", "nobody/nothing"], "--task_name nobody/nothing"),
     (["--segment_length", "64"], "exceeds the backbone's max_seqlen"),
     (["--segment_length", "4"], "segment_length"),
@@ -111,3 +111,34 @@ def test_bad_commands_exit_2_naming_the_flag(dataset, backbone, capsys, extra, m
     with pytest.raises(SystemExit) as e:
         main(flags(dataset, backbone, "--training_step", "1", *extra))
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lora_trains_adapters_and_memory_and_leaves_the_backbone_bit_identical(tmp_path, dataset, backbone):
+    pytest.importorskip("peft")
+    from apps.main.eval import load_model_from_checkpoint, resolve_ckpt_dir
+    from lingua.checkpoint import load_model_weights
+
+    ckpt = tmp_path / "ckpt"
+    main(flags(dataset, backbone, "--training_step", "3", "--use_lora", "--save_ckpt", str(ckpt)))
+    args = to_train_args(parse_hmt_args(flags(dataset, backbone, "--use_lora", "--save_ckpt", str(ckpt))))
+    trained = build_hmt(args)
+    load_model_weights(resolve_ckpt_dir(str(ckpt)), trained)
+    original, _, _ = load_model_from_checkpoint(resolve_ckpt_dir(str(backbone)), torch.device("cpu"))
+    state = trained.backbone.model.state_dict()
+    base = {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    assert base.keys() == original.state_dict().keys()
+    assert all(torch.equal(base[k], v) for k, v in original.state_dict().items())  # bit-identical
+    lora_b = [v for k, v in state.items() if "lora_B" in k or "lora_embedding_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # the adapters moved off their zero init
+    from apps.main.train import setup_model
+    from lingua.distributed import parallel_dims
+
+    initial = setup_model(args, None, parallel_dims(args.distributed, 1), torch.device("cpu"),
+                          lambda _, device: build_hmt(args, device))  # the run's step-0 model
+    assert torch.equal(initial.backbone.model.tok_embeddings.weight,
+                       trained.backbone.model.tok_embeddings.base_layer.weight)
+    assert not torch.equal(trained.memory_token, initial.memory_token)  # HMT's own parameters trained
+    assert not torch.equal(trained.recall.wq.weight, initial.recall.wq.weight)
+    # the users' inference command repeats neither --use_lora nor anything of the structure
+    out = main(flags(dataset, backbone, "--load_from_ckpt", str(ckpt), "--inference_only"))
+    assert math.isfinite(out["test"]["ppl"])

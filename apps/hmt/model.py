@@ -53,6 +53,12 @@ class HMTArgs:
     sum_fraction: float = 0.5  # share of a segment the representation reads
     bptt_depth: int = 2  # segments of state the gradient flows through; 0: all
     mem_prune: str = choice("fifo", ("fifo", "attention"))  # which memory a full cache drops
+    # LoRA on the backbone (peft; the `lora` component), its base weights frozen: r 8, alpha 32,
+    # dropout 0.1 on q/k/v/o/gate/up/down and the embedding, as the paper.
+    use_lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
 
     @property
     def uses_memory(self) -> bool:
@@ -80,6 +86,30 @@ class HMTArgs:
             raise ValueError(f"sum_fraction must be in (0, 1], got {self.sum_fraction}")
 
 
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2", "tok_embeddings")  # q/k/v/o/gate/up/down, embedding
+HF_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens")
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def add_lora(model: nn.Module, args: HMTArgs, targets=LORA_TARGETS) -> nn.Module:
+    """peft's LoRA adapters in `model`'s target layers (in place); they are the `lora`
+    component, and peft freezes everything else of `model`."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=list(targets))
+    inject_adapter_in_model(config, model)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in LORA_PARTS:
+            module.optim_component = "lora"
+    return model
+
+
+def without_lora(key: str) -> str | None:
+    """A LoRA-wrapped model's key as the plain model's checkpoint names it (None: an adapter's)."""
+    return None if any(part in key for part in LORA_PARTS) else key.replace(".base_layer", "")
+
+
 class LinguaBackbone(nn.Module):
     """An apps/main LMTransformer as HMT's backbone; `weights`: the checkpoint (DCP dir or
     consolidated file) its parameters start from (None: from the model's seed)."""
@@ -99,7 +129,11 @@ class LinguaBackbone(nn.Module):
         if self.weights is not None:
             from lingua.checkpoint import load_model_weights
 
-            load_model_weights(self.weights, self.model)
+            load_model_weights(self.weights, self.model, key_map=without_lora)
+        for module in self.model.modules():  # LoRA starts as the identity (B = 0), also after to_empty
+            if hasattr(module, "reset_lora_parameters"):
+                for adapter in module.lora_A.keys() | module.lora_embedding_A.keys():
+                    module.reset_lora_parameters(adapter, True)
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.model.flops_per_token(seq_len)

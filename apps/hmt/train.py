@@ -29,7 +29,7 @@ import torch
 
 from apps.hmt.args import HMTCliArgs, parse_hmt_args
 from apps.hmt.data import DocumentBatches, document_windows, load_texts
-from apps.hmt.model import HMT, HMTArgs, LinguaBackbone
+from apps.hmt.model import HMT, HMTArgs, LinguaBackbone, add_lora
 from apps.main.eval import resolve_ckpt_dir
 from apps.main.train import NonFiniteLoss, StepOutOfMemory, TrainArgs, model_tokenizer, train
 from apps.main.transformer import LMTransformer, LMTransformerArgs
@@ -40,7 +40,7 @@ from lingua.distributed import shutdown_distributed
 
 logger = logging.getLogger(__name__)
 
-NOT_YET = ("use_lora", "dynamic", "interleave_dataset", "dilate_dataset", "generate", "plot_hist", "streaming",
+NOT_YET = ("dynamic", "interleave_dataset", "dilate_dataset", "generate", "plot_hist", "streaming",
            "hmt_stage_2")
 
 
@@ -88,7 +88,8 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
     backbone_data = load_params(ckpt / "params.json", DataArgs, "data")
     hmt = HMTArgs(mode=cli.mode, segment_length=cli.segment_length, num_sensory=cli.num_sensory,
                   mem_recall_context=cli.mem_recall_context, mem_recall_hidden_dim=cli.mem_recall_hidden_dim,
-                  sum_fraction=cli.sum_fraction, bptt_depth=cli.bptt_depth, mem_prune=cli.mem_prune)
+                  sum_fraction=cli.sum_fraction, bptt_depth=cli.bptt_depth, mem_prune=cli.mem_prune,
+                  use_lora=cli.use_lora)
     try:
         hmt.check()
     except ValueError as e:
@@ -107,6 +108,8 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
     args.data.batch_size, args.data.tokenizer, args.data.load_async = cli.batch_size, backbone_data.tokenizer, False
     args.optim.lr, args.optim.warmup, args.optim.weight_decay = cli.learning_rate, 0, 0.01
     args.optim.scheduler = "step" if cli.lr_decay else "constant"
+    if cli.use_lora:  # the backbone's own weights stay as they are; its adapters and HMT's parameters train
+        args.optim.base_model_lr, args.optim.lora_lr, args.optim.memory_lr = 0.0, cli.learning_rate, cli.learning_rate
     args.optim.step_size, args.optim.step_gamma = 100, cli.lr_decay_gamma
     args.distributed.model_dtype = "fp16" if cli.fp16 else "bf16" if cli.bf16 else "fp32"
     args.checkpoint.dump.every = args.checkpoint.eval.every = max(1, steps)
@@ -120,8 +123,10 @@ def build_hmt(args: HMTTrainArgs, device: torch.device | str = "cpu") -> HMT:
     """The HMT model on `device` (meta: the loop shards, materialises and initialises it; its
     backbone's initialisation is the backbone checkpoint's weights)."""
     with torch.device(device):
-        backbone = LinguaBackbone(LMTransformer(args.model), weights=args.backbone)
-        return HMT(backbone, args.hmt)
+        model = LMTransformer(args.model)
+        if args.hmt.use_lora:
+            add_lora(model, args.hmt)
+        return HMT(LinguaBackbone(model, weights=args.backbone), args.hmt)
 
 
 def hmt_loader(split: str = "train"):
@@ -139,6 +144,23 @@ def hmt_loader(split: str = "train"):
     return build
 
 
+STRUCTURE = ("mode", "mem_recall_hidden_dim", "use_lora", "lora_r", "lora_alpha", "lora_dropout")
+
+
+def with_trained_structure(hmt: HMTArgs, ckpt) -> HMTArgs:
+    """The command line's HMT settings with the parameter-shaping ones of the checkpoint (the
+    users' inference command does not repeat --use_lora or the stage flags)."""
+    if not (ckpt / "params.json").exists():
+        return hmt
+    trained = load_params(ckpt / "params.json", HMTArgs, "hmt")
+    for key in STRUCTURE:
+        if getattr(hmt, key) != getattr(trained, key):
+            logger.info("%s=%s from the checkpoint (the command line says %s)", key, getattr(trained, key),
+                        getattr(hmt, key))
+            setattr(hmt, key, getattr(trained, key))
+    return hmt
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     from apps.hmt.eval import evaluate_splits
     from lingua.logger import init_logger
@@ -152,6 +174,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if cli.inference_only:
             init_logger(0)
             ckpt = resolve_ckpt_dir(cli.load_from_ckpt)
+            args.hmt = with_trained_structure(args.hmt, ckpt)
         else:
             train(args, build_model_fn=lambda _, device: build_hmt(args, device), build_loader_fn=hmt_loader(),
                   tokenizer_fn=model_tokenizer)

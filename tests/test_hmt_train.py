@@ -142,3 +142,18 @@ def test_lora_trains_adapters_and_memory_and_leaves_the_backbone_bit_identical(t
     # the users' inference command repeats neither --use_lora nor anything of the structure
     out = main(flags(dataset, backbone, "--load_from_ckpt", str(ckpt), "--inference_only"))
     assert math.isfinite(out["test"]["ppl"])
+
+
+def test_out_of_memory_names_the_hmt_flags_to_lower(dataset, backbone, monkeypatch, capfd):
+    from apps.main import train as loop
+
+    def no_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "train_step", no_memory)
+    with pytest.raises(SystemExit) as e:
+        main(flags(dataset, backbone, "--training_step", "2", "--save_ckpt", str(dataset.parent / "oom")))
+    assert e.value.code == 1
+    text = capfd.readouterr().err
+    assert "out of memory in step 1" in text and all(f in text for f in ("--batch_size", "--segment_length",
+                                                                          "--mem_recall_context"))

@@ -184,7 +184,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (NonFiniteLoss, StepOutOfMemory, DiskFull) as e:
+    except StepOutOfMemory as e:
+        logger.error("%s\nWith HMT: lower --batch_size, --segment_length (the backbone input per segment) or "
+                     "--mem_recall_context (memories recall attends over), or --bptt_depth (segments per window)", e)
+        raise SystemExit(1) from None
+    except (NonFiniteLoss, DiskFull) as e:
         logger.error("%s", e)
         raise SystemExit(1) from None
     shutdown_distributed()

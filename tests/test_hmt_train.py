@@ -144,8 +144,12 @@ def test_lora_trains_adapters_and_memory_and_leaves_the_backbone_bit_identical(t
     assert math.isfinite(out["test"]["ppl"])
 
 
-def test_out_of_memory_names_the_hmt_flags_to_lower(dataset, backbone, monkeypatch, capfd):
+def test_out_of_memory_names_the_hmt_flags_to_lower(dataset, backbone, monkeypatch):
+    from apps.hmt import train as hmt_train
     from apps.main import train as loop
+
+    said = []
+    monkeypatch.setattr(hmt_train.logger, "error", lambda fmt, *a: said.append(fmt % a))
 
     def no_memory(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -154,6 +158,6 @@ def test_out_of_memory_names_the_hmt_flags_to_lower(dataset, backbone, monkeypat
     with pytest.raises(SystemExit) as e:
         main(flags(dataset, backbone, "--training_step", "2", "--save_ckpt", str(dataset.parent / "oom")))
     assert e.value.code == 1
-    text = capfd.readouterr().err
+    text = "\n".join(said)
     assert "out of memory in step 1" in text and all(f in text for f in ("--batch_size", "--segment_length",
                                                                           "--mem_recall_context"))

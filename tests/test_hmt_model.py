@@ -129,14 +129,26 @@ def test_cache_drops_the_oldest_or_the_least_recalled_memory():
     mems = [torch.full((1, 3), float(i)) for i in range(3)]
     fifo = MemoryCache(2, "fifo")
     for m in mems:
-        fifo.append(m)
+        fifo = fifo.appended(m)
     assert fifo.memories[0, :, 0].tolist() == [1.0, 2.0]
-    by_attention = MemoryCache(2, "attention")
-    by_attention.append(mems[0])
-    by_attention.append(mems[1])
-    by_attention.attended(torch.tensor([[0.9, 0.1]]))  # memory 1 was recalled least
-    by_attention.append(mems[2])
+    by_attention = MemoryCache(2, "attention").appended(mems[0]).appended(mems[1])
+    before = by_attention
+    by_attention = by_attention.attended(torch.tensor([[0.9, 0.1]])).appended(mems[2])  # 1 was recalled least
     assert by_attention.memories[0, :, 0].tolist() == [0.0, 2.0]
+    assert before.memories.shape[1] == 2 and before.attention.sum() == 0  # updates make a new cache
+
+
+@pytest.mark.parametrize("prompt_length", [13, 16, 1])
+def test_generation_carries_the_memory_and_equals_greedy_on_the_whole_text(prompt_length):
+    model, _ = hmt()
+    prompt = tokens(2, batch=1)[0, :prompt_length].tolist()
+    new = model.generate(prompt, max_new_tokens=12)
+    assert len(new) == 12
+    text = list(prompt)
+    with torch.no_grad():
+        for token in new:
+            assert int(model(torch.tensor([text]))[0, -1].argmax()) == token
+            text.append(token)
 
 
 def gradient_reach(bptt_depth: int, scored_segment: int, n_segments: int = 3) -> list[bool]:

@@ -161,3 +161,21 @@ def test_out_of_memory_names_the_hmt_flags_to_lower(dataset, backbone, monkeypat
     text = "\n".join(said)
     assert "out of memory in step 1" in text and all(f in text for f in ("--batch_size", "--segment_length",
                                                                           "--mem_recall_context"))
+
+
+def test_inference_writes_the_recall_histogram_and_generates_from_a_prompt_file(tmp_path, dataset, backbone,
+                                                                               capsys):
+    ckpt = tmp_path / "ckpt"
+    main(flags(dataset, backbone, "--training_step", "1", "--save_ckpt", str(ckpt)))
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def test_0(x):\n    return x * 0 + 0\n" * 2)
+    capsys.readouterr()
+    main(flags(dataset, backbone, "--load_from_ckpt", str(ckpt), "--inference_only", "--plot_hist",
+               "--generate", str(prompt)))
+    out = capsys.readouterr().out
+    png = ckpt / "recall_hist.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"recall histogram: {png}" in out
+    assert f"--- generated from {prompt}" in out
+    with pytest.raises(SystemExit):
+        main(flags(dataset, backbone, "--load_from_ckpt", str(ckpt), "--inference_only", "--generate",
+                   str(tmp_path / "missing.txt")))

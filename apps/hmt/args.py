@@ -83,6 +83,9 @@ class HMTCliArgs:
             raise ConfigError("--inference_only needs --load_from_ckpt (the checkpoint to evaluate)")
         if self.hmt_stage_2 and not self.load_from_ckpt:
             raise ConfigError("--hmt_stage_2 starts from stage 1: give its checkpoint with --load_from_ckpt")
+        if self.plot_hist and self.mode != "hmt":
+            raise ConfigError("--plot_hist draws what memory recall attends to: not with --rmt_only, "
+                              "--baseline_only or --hmt_stage_1, which have no recall")
         if self.task_name in ("json", "parquet", "text") and not self.data_dir:
             raise ConfigError(f"--task_name {self.task_name} reads local files: give --data_dir")
 

@@ -29,7 +29,7 @@ dense, product keys or mHC) or `HFBackbone` (a transformers causal LM).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -190,43 +190,57 @@ class MemoryRecall(nn.Module):
         return torch.einsum("bn,bnd->bd", weights.to(memories.dtype), memories), weights
 
 
+@dataclass
 class MemoryCache:
-    """The last N memory embeddings per row, [B, n, d], with the recall attention each received
-    (for mem_prune=attention and the --plot_hist histogram). Lives in one forward only."""
+    """The last `capacity` memory embeddings per row, [B, n, d], with the recall attention each
+    received (for mem_prune=attention and --plot_hist). Updates return a new cache, so a state
+    can be read from without being changed (generation re-reads its unfinished segment)."""
 
-    def __init__(self, capacity: int, prune: str):
-        self.capacity, self.prune = capacity, prune
-        self.memories: Optional[torch.Tensor] = None
-        self.attention: Optional[torch.Tensor] = None  # [B, n] recall weight received so far
+    capacity: int
+    prune: str = "fifo"
+    memories: Optional[torch.Tensor] = None
+    attention: Optional[torch.Tensor] = None  # [B, n] recall weight received so far
 
     def __len__(self) -> int:
         return 0 if self.memories is None else self.memories.shape[1]
 
-    def attended(self, weights: torch.Tensor) -> None:
-        self.attention = self.attention + weights.detach().float()
+    def attended(self, weights: torch.Tensor) -> "MemoryCache":
+        return replace(self, attention=self.attention + weights.detach().float())
 
-    def append(self, memory: torch.Tensor) -> None:
+    def appended(self, memory: torch.Tensor) -> "MemoryCache":
         memory = memory[:, None]
         fresh = torch.zeros(memory.shape[0], 1, device=memory.device)
         if self.memories is None:
-            self.memories, self.attention = memory, fresh
-            return
+            return replace(self, memories=memory, attention=fresh)
+        memories, attention = self.memories, self.attention
         if len(self) >= self.capacity:
+            keep = torch.ones_like(attention, dtype=torch.bool)
             if self.prune == "fifo":
-                keep = torch.ones_like(self.attention, dtype=torch.bool)
                 keep[:, 0] = False
             else:  # the memory recall attended to least (the oldest among equals)
-                keep = torch.ones_like(self.attention, dtype=torch.bool)
-                keep.scatter_(1, self.attention.argmin(dim=1, keepdim=True), False)
-            B, n, d = self.memories.shape
-            self.memories = self.memories[keep].view(B, n - 1, d)
-            self.attention = self.attention[keep].view(B, n - 1)
-        self.memories = torch.cat([self.memories, memory], dim=1)
-        self.attention = torch.cat([self.attention, fresh], dim=1)
+                keep.scatter_(1, attention.argmin(dim=1, keepdim=True), False)
+            B, n, d = memories.shape
+            memories, attention = memories[keep].view(B, n - 1, d), attention[keep].view(B, n - 1)
+        return replace(self, memories=torch.cat([memories, memory], dim=1), attention=torch.cat([attention, fresh], 1))
 
-    def detach(self) -> None:
-        if self.memories is not None:
-            self.memories = self.memories.detach()
+    def detached(self) -> "MemoryCache":
+        return replace(self, memories=None if self.memories is None else self.memories.detach())
+
+
+@dataclass
+class HMTState:
+    """What one segment hands the next: the memory cache, the last memory embedding and the
+    previous segment's token embeddings (sensory memory)."""
+
+    cache: MemoryCache
+    last_memory: Optional[torch.Tensor] = None
+    previous: Optional[torch.Tensor] = None
+    segments: int = 0  # read so far
+
+    def detached(self) -> "HMTState":
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        return replace(self, cache=self.cache.detached(), last_memory=detach(self.last_memory),
+                       previous=detach(self.previous))
 
 
 class HMT(nn.Module):
@@ -288,39 +302,47 @@ class HMT(nn.Module):
         T = self.memory_token.to(embeds.dtype).expand(embeds.shape[0], 1, -1)
         return self.backbone.hidden(torch.cat([T, embeds[:, :j], T], dim=1))[:, -1]
 
+    def new_state(self) -> HMTState:
+        return HMTState(MemoryCache(self.args.mem_recall_context, self.args.mem_prune))
+
+    def read_segment(self, tokens: torch.Tensor, state: HMTState) -> tuple[torch.Tensor, HMTState, Optional[torch.Tensor]]:
+        """One segment's tokens [B, <= content_length] after `state`: (its logits, the state after
+        it, the recall weights over the cached memories or None). `state` is left as it is."""
+        args, B = self.args, tokens.shape[0]
+        embeds = self.backbone.embed(tokens)
+        memory, weights, cache = None, None, state.cache
+        if args.uses_memory:
+            memory = self.initial_memory.expand(B, -1) if state.last_memory is None else state.last_memory
+            if args.mode == "hmt":
+                memories = cache.memories if len(cache) else self.initial_memory.expand(B, 1, -1)
+                memory, weights = self.recall(self.summary(embeds), memories)
+                if len(cache):
+                    cache = cache.attended(weights)
+                else:
+                    weights = None  # the initial memory alone: nothing recalled
+        sensory = state.previous[:, -args.sensory :] if state.previous is not None and args.sensory else None
+        inputs, offset = self.segment_inputs(embeds, memory, sensory)
+        hidden = self.backbone.hidden(inputs)
+        logits = self.backbone.logits(hidden[:, offset : offset + embeds.shape[1]])
+        last_memory = hidden[:, -1] if args.uses_memory else None
+        if last_memory is not None:
+            cache = cache.appended(last_memory)
+        after = HMTState(cache, last_memory, embeds, state.segments + 1)
+        if args.bptt_depth > 0 and after.segments % args.bptt_depth == 0:
+            after = after.detached()  # the gradient stops here: at most bptt_depth segments of state
+        return logits, after, weights
+
     def forward(self, tokens: torch.Tensor, target: Optional[torch.Tensor] = None, reduction: str = "mean"):
         """Logits [B, S, V] of the window read segment by segment, or the loss over the labels
         (mean, or sum with reduction="sum", as LMTransformer: the shared training loop calls it)."""
-        args, L = self.args, self.args.content_length
-        B = tokens.shape[0]
-        cache = MemoryCache(args.mem_recall_context, args.mem_prune)
-        last_memory: Optional[torch.Tensor] = None
-        previous: Optional[torch.Tensor] = None  # embeddings of the previous segment
+        L = self.args.content_length
+        state = self.new_state()
         self.last_recall_weights = []
         outputs, loss = [], None
-        for index, start in enumerate(range(0, tokens.shape[1], L)):
-            embeds = self.backbone.embed(tokens[:, start : start + L])
-            memory = None
-            if args.uses_memory:
-                memory = self.initial_memory.expand(B, -1) if last_memory is None else last_memory
-                if args.mode == "hmt":
-                    memories = cache.memories if len(cache) else self.initial_memory.expand(B, 1, -1)
-                    memory, weights = self.recall(self.summary(embeds), memories)
-                    if len(cache):
-                        cache.attended(weights)
-                        self.last_recall_weights.append(weights.detach())
-            sensory = previous[:, -args.sensory :] if previous is not None and args.sensory else None
-            inputs, offset = self.segment_inputs(embeds, memory, sensory)
-            hidden = self.backbone.hidden(inputs)
-            logits = self.backbone.logits(hidden[:, offset : offset + embeds.shape[1]])
-            if args.uses_memory:
-                last_memory = hidden[:, -1]
-                cache.append(last_memory)
-            previous = embeds
-            if args.bptt_depth > 0 and (index + 1) % args.bptt_depth == 0:
-                last_memory = last_memory.detach() if last_memory is not None else None
-                previous = previous.detach()
-                cache.detach()
+        for start in range(0, tokens.shape[1], L):
+            logits, state, weights = self.read_segment(tokens[:, start : start + L], state)
+            if weights is not None:
+                self.last_recall_weights.append(weights.detach())
             if target is None:
                 outputs.append(logits)
                 continue
@@ -330,3 +352,27 @@ class HMT(nn.Module):
         if target is None:
             return torch.cat(outputs, dim=1)
         return loss if reduction == "sum" else loss / (target != IGNORE_INDEX).sum().clamp(min=1)
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, eos_id: Optional[int] = None) -> list[int]:
+        """Greedy continuation of one prompt, the memory carried over its segments: each full
+        segment is read once and its state kept; the unfinished one is re-read with every new
+        token (from the same state), so the logits equal those of forward() on the whole text."""
+        L = self.args.content_length
+        device = self.memory_token.device
+        state, tokens = self.new_state(), list(prompt)
+        done = (len(tokens) // L) * L if len(tokens) % L else max(0, len(tokens) - L)
+        for start in range(0, done, L):
+            _, state, _ = self.read_segment(torch.tensor([tokens[start : start + L]], device=device), state)
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            logits, after, _ = self.read_segment(torch.tensor([tokens[done:]], device=device), state)
+            token = int(logits[0, -1].argmax())
+            if token == eos_id:
+                break
+            tokens.append(token)
+            new.append(token)
+            if len(tokens) - done == L + 1:  # the segment before this token is complete: keep its state
+                _, state, _ = self.read_segment(torch.tensor([tokens[done : done + L]], device=device), state)
+                done += L
+        return new

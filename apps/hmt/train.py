@@ -40,8 +40,7 @@ from lingua.distributed import shutdown_distributed
 
 logger = logging.getLogger(__name__)
 
-NOT_YET = ("dynamic", "interleave_dataset", "dilate_dataset", "generate", "plot_hist", "streaming",
-           "hmt_stage_2")
+NOT_YET = ("dynamic", "interleave_dataset", "dilate_dataset", "streaming", "hmt_stage_2")
 
 
 @dataclass
@@ -168,6 +167,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     try:
         cli = parse_hmt_args(list(sys.argv[1:] if argv is None else argv))
         args = to_train_args(cli)
+        if cli.generate and not Path(cli.generate).is_file():
+            raise ConfigError(f"--generate {cli.generate}: no such prompt file")
         # the datasets must load before any work (a missing one fails here, naming it)
         load_texts(args.task.task_name, "test" if cli.inference_only else "train", args.task.task_config,
                    args.task.data_dir, args.task.cache_dir, args.task.train_set_split, limit=1)
@@ -180,7 +181,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   tokenizer_fn=model_tokenizer)
             ckpt = resolve_ckpt_dir(args.dump_dir)
         results = evaluate_splits(args, ckpt, eval_batches=cli.eval_step, test_batches=cli.test_step,
-                                  splits=("test",) if cli.inference_only else ("validation", "test"))
+                                  splits=("test",) if cli.inference_only else ("validation", "test"),
+                                  plot_hist=cli.plot_hist, generate_from=cli.generate)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

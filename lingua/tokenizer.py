@@ -18,14 +18,14 @@ from typing import Any, Iterator, Optional
 # that a failing run says which line of the YAML to fix.
 PATH_KEY = "data.tokenizer.path"
 
-TOKENIZER_NAMES = ("bytes", "sp", "tiktoken")
+TOKENIZER_NAMES = ("bytes", "sp", "tiktoken", "hf")
 
 
 @dataclass
 class TokenizerArgs:
     """`data.tokenizer` in configs; field names as in Meta Lingua."""
 
-    name: str = "bytes"  # "bytes" | "sp" | "tiktoken"
+    name: str = "bytes"  # "bytes" | "sp" | "tiktoken" | "hf" (a Hugging Face tokenizer directory)
     path: Optional[str] = None
 
 
@@ -206,10 +206,36 @@ class TikTokenizer(Tokenizer):
         return self.model.decode([t for t in tokens if 0 <= t < self.n_base])
 
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer directory (`AutoTokenizer`), e.g. an HF backbone's (apps/hmt):
+    its own text -> ids, framed with its bos/eos here (a model without a bos uses its eos)."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        transformers = _import_optional("transformers", "hf")
+        if not path:
+            raise ValueError("data.tokenizer.path must name the Hugging Face tokenizer directory for name=hf")
+        self.path = path
+        self.tok = transformers.AutoTokenizer.from_pretrained(path)
+        self.n_words = len(self.tok)
+        eos = self.tok.eos_token_id
+        bos = self.tok.bos_token_id if self.tok.bos_token_id is not None else eos
+        if bos is None or eos is None:
+            raise ValueError(f"the tokenizer in '{path}' has neither a bos nor an eos token")
+        self.bos_id, self.eos_id = int(bos), int(eos)
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
+        return self._frame(self.tok(text, add_special_tokens=False)["input_ids"], add_bos, add_eos)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tok.decode([t for t in tokens if 0 <= t < self.n_words], skip_special_tokens=True)
+
+
 def build_tokenizer(name: str, path: Optional[str] = None) -> Tokenizer:
-    """Tokenizer `name` ("bytes" | "sp" | "tiktoken"), loading its file from `path`."""
+    """Tokenizer `name` ("bytes" | "sp" | "tiktoken" | "hf"), loading its file from `path`."""
     if name == "bytes":
         return ByteTokenizer()
+    if name == "hf":
+        return HFTokenizer(path)
     if name == "sp":
         return SentencePieceTokenizer(path)
     if name == "tiktoken":

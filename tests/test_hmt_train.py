@@ -179,3 +179,25 @@ def test_inference_writes_the_recall_histogram_and_generates_from_a_prompt_file(
     with pytest.raises(SystemExit):
         main(flags(dataset, backbone, "--load_from_ckpt", str(ckpt), "--inference_only", "--generate",
                    str(tmp_path / "missing.txt")))
+
+
+def test_a_hugging_face_backbone_exported_by_apps_main_export_trains_with_lora(tmp_path, dataset, backbone):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from apps.main.export import ExportArgs, export
+    from apps.main.eval import resolve_ckpt_dir
+    from lingua.checkpoint import load_model_weights
+
+    hf_dir = export(ExportArgs(ckpt_dir=str(backbone), out=str(tmp_path / "hf")))
+    ckpt = tmp_path / "ckpt"
+    trained = main(flags(dataset, hf_dir, "--training_step", "2", "--use_lora", "--save_ckpt", str(ckpt)))
+    assert math.isfinite(trained["test"]["ppl"])
+    args = to_train_args(parse_hmt_args(flags(dataset, hf_dir, "--use_lora")))
+    assert args.backbone_kind == "hf" and args.data.tokenizer.name == "bytes"  # from the export's config.json
+    model = build_hmt(args)
+    load_model_weights(resolve_ckpt_dir(str(ckpt)), model)
+    original = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).state_dict()
+    base = {k.replace(".base_layer", ""): v for k, v in model.backbone.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base[k], v) for k, v in original.items())  # the HF backbone untouched by LoRA training
+    again = main(flags(dataset, hf_dir, "--load_from_ckpt", str(ckpt), "--inference_only"))
+    assert again["test"]["ppl"] == pytest.approx(trained["test"]["ppl"], rel=1e-5)

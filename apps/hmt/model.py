@@ -110,6 +110,14 @@ def without_lora(key: str) -> str | None:
     return None if any(part in key for part in LORA_PARTS) else key.replace(".base_layer", "")
 
 
+def reset_lora(model: nn.Module) -> None:
+    """LoRA adapters back to their start, the identity (B = 0), e.g. after to_empty."""
+    for module in model.modules():
+        if hasattr(module, "reset_lora_parameters"):
+            for adapter in module.lora_A.keys() | module.lora_embedding_A.keys():
+                module.reset_lora_parameters(adapter, True)
+
+
 class LinguaBackbone(nn.Module):
     """An apps/main LMTransformer as HMT's backbone; `weights`: the checkpoint (DCP dir or
     consolidated file) its parameters start from (None: from the model's seed)."""
@@ -130,10 +138,7 @@ class LinguaBackbone(nn.Module):
             from lingua.checkpoint import load_model_weights
 
             load_model_weights(self.weights, self.model, key_map=without_lora)
-        for module in self.model.modules():  # LoRA starts as the identity (B = 0), also after to_empty
-            if hasattr(module, "reset_lora_parameters"):
-                for adapter in module.lora_A.keys() | module.lora_embedding_A.keys():
-                    module.reset_lora_parameters(adapter, True)
+        reset_lora(self.model)
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.model.flops_per_token(seq_len)
@@ -150,15 +155,35 @@ class LinguaBackbone(nn.Module):
 
 class HFBackbone(nn.Module):
     """A transformers causal LM (LlamaForCausalLM, OPT, ...) as HMT's backbone: its decoder's
-    last hidden state (after the final norm) and its LM head."""
+    last hidden state (after the final norm) and its LM head. `weights`: the directory its
+    parameters (and buffers, such as the rotary frequencies) start from."""
 
     optim_component = "base"
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, weights: Optional[str] = None):
         super().__init__()
-        self.model = model
+        self.model, self.weights = model, weights
         self.dim = model.config.hidden_size
         self.max_len = getattr(model.config, "max_position_embeddings", None)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: ParamInit) -> None:
+        """Everything from the pretrained directory (after to_empty nothing is left, buffers
+        included), tying kept, LoRA at its start."""
+        if self.weights is None:
+            raise ValueError("an HF backbone starts from its pretrained weights: give HFBackbone(weights=DIR)")
+        from transformers import AutoModelForCausalLM
+
+        fresh = AutoModelForCausalLM.from_pretrained(self.weights, torch_dtype=torch.float32)
+        theirs = {**dict(fresh.named_parameters(remove_duplicate=False)),
+                  **dict(fresh.named_buffers(remove_duplicate=False))}
+        self.model.tie_weights()
+        for name, tensor in [*self.model.named_parameters(remove_duplicate=False),
+                             *self.model.named_buffers(remove_duplicate=False)]:
+            source = without_lora(name)
+            if source is not None:
+                tensor.copy_(theirs[source])
+        reset_lora(self.model)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(tokens)

@@ -14,11 +14,13 @@ window holds bptt_depth segments of one document. After training, or with --infe
 validation (--eval_step batches) and test (--test_step batches) splits are scored
 (apps/hmt/eval.py): PPL = exp(mean loss per token), to metrics.eval.jsonl.
 
-The backbone (`--model_name`) is an apps/main dump dir or checkpoint (dense, product keys, mHC).
+The backbone (`--model_name`) is an apps/main dump dir or checkpoint (dense, product keys, mHC),
+or a Hugging Face causal LM: a local directory or a hub id (downloaded into --cache_dir).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -29,13 +31,14 @@ import torch
 
 from apps.hmt.args import HMTCliArgs, parse_hmt_args
 from apps.hmt.data import DocumentBatches, document_windows, load_texts
-from apps.hmt.model import HMT, HMTArgs, LinguaBackbone, add_lora
+from apps.hmt.model import HF_LORA_TARGETS, HMT, HFBackbone, HMTArgs, LinguaBackbone, add_lora
 from apps.main.eval import resolve_ckpt_dir
 from apps.main.train import NonFiniteLoss, StepOutOfMemory, TrainArgs, model_tokenizer, train
 from apps.main.transformer import LMTransformer, LMTransformerArgs
-from lingua.args import ConfigError, load_params
+from lingua.args import ConfigError, choice, from_dict, load_params
 from lingua.checkpoint import DiskFull
 from lingua.data import DataArgs, DataError
+from lingua.tokenizer import TokenizerArgs
 from lingua.distributed import shutdown_distributed
 
 logger = logging.getLogger(__name__)
@@ -56,25 +59,43 @@ class HMTTaskArgs:
 @dataclass
 class HMTTrainArgs(TrainArgs):
     hmt: HMTArgs = field(default_factory=HMTArgs)
-    backbone: str = ""  # the backbone's checkpoint (its weights start the run)
+    backbone: str = ""  # the backbone's checkpoint or HF directory (its weights start the run)
+    backbone_kind: str = choice("lingua", ("lingua", "hf"))
     task: HMTTaskArgs = field(default_factory=HMTTaskArgs)
 
     def max_window(self) -> Optional[int]:
         return None  # HMT reads segment_length at a time (HMTArgs.check, against the backbone)
 
 
-def backbone_checkpoint(model_name: str):
+def resolve_backbone(model_name: str, cache_dir: str) -> tuple[str, str]:
+    """("lingua", checkpoint dir) for an apps/main dump dir or checkpoint; ("hf", directory) for
+    a Hugging Face model directory or hub id (downloaded into cache_dir by huggingface_hub)."""
     if not model_name:
-        raise ConfigError("--model_name is required (the backbone: an apps/main dump dir or checkpoint)")
+        raise ConfigError("--model_name is required (the backbone: an apps/main dump dir or checkpoint, a Hugging "
+                          "Face model directory or hub id)")
     path = Path(model_name)
     if (path / "config.json").exists() and not (path / "params.json").exists():
-        raise ConfigError(f"--model_name {model_name} is a Hugging Face directory: apps.hmt.train runs apps/main "
-                          "backbones for now (import it with `python -m apps.main.import_hf hf_dir=... dump_dir=...` "
-                          "and give that dump dir)")
-    try:
-        return resolve_ckpt_dir(model_name)
-    except FileNotFoundError as e:
-        raise ConfigError(f"--model_name: {e}") from None
+        return "hf", str(path)
+    if path.exists():
+        try:
+            return "lingua", str(resolve_ckpt_dir(model_name))
+        except FileNotFoundError as e:
+            raise ConfigError(f"--model_name: {e}") from None
+    from huggingface_hub import snapshot_download
+
+    try:  # the real hub code; offline, or a name that is no model, fails here
+        return "hf", snapshot_download(model_name, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds; the user needs the name
+        raise ConfigError(f"--model_name {model_name}: not a local checkpoint or model directory, and the hub "
+                          f"gave {type(e).__name__}: {e}") from None
+
+
+def hf_model_keys(config: dict) -> dict:
+    """Our model keys describing an HF backbone (for the loop's checks and logs; the HF model
+    itself is built by transformers)."""
+    return {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
+            "n_heads": config["num_attention_heads"], "vocab_size": config["vocab_size"],
+            "max_seqlen": config.get("max_position_embeddings") or 2048}
 
 
 def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
@@ -82,9 +103,16 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
     used = [f"--{name}" for name in NOT_YET if getattr(cli, name)]
     if used:
         raise ConfigError(f"{', '.join(used)}: not supported by apps.hmt.train yet")
-    ckpt = backbone_checkpoint(cli.model_name)
-    model = load_params(ckpt / "params.json", LMTransformerArgs, "model")
-    backbone_data = load_params(ckpt / "params.json", DataArgs, "data")
+    kind, ckpt = resolve_backbone(cli.model_name, cli.cache_dir)
+    if kind == "lingua":
+        model = load_params(Path(ckpt) / "params.json", LMTransformerArgs, "model")
+        tokenizer = load_params(Path(ckpt) / "params.json", DataArgs, "data").tokenizer
+    else:
+        config = json.loads((Path(ckpt) / "config.json").read_text())
+        model = from_dict(LMTransformerArgs, hf_model_keys(config))
+        # our own exports say which of our tokenizers they use; others bring an HF tokenizer
+        tokenizer = from_dict(TokenizerArgs, config["lingua_tokenizer"]) if "lingua_tokenizer" in config \
+            else TokenizerArgs(name="hf", path=ckpt)
     hmt = HMTArgs(mode=cli.mode, segment_length=cli.segment_length, num_sensory=cli.num_sensory,
                   mem_recall_context=cli.mem_recall_context, mem_recall_hidden_dim=cli.mem_recall_hidden_dim,
                   sum_fraction=cli.sum_fraction, bptt_depth=cli.bptt_depth, mem_prune=cli.mem_prune,
@@ -99,12 +127,12 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
     steps = cli.training_step * cli.num_epochs
     args = HMTTrainArgs(
         name=cli.wandb_run or "hmt", dump_dir=cli.save_ckpt or f"./dump/hmt_{cli.task_name.replace('/', '_')}",
-        seed=cli.seed, steps=steps, model=model, hmt=hmt, backbone=str(ckpt),
+        seed=cli.seed, steps=steps, model=model, hmt=hmt, backbone=str(ckpt), backbone_kind=kind,
         task=HMTTaskArgs(cli.task_name, cli.task_config, cli.data_dir, cli.cache_dir, cli.train_set_split, cli.shuffle),
     )
     # A training window: bptt_depth segments of text (2 without truncation), as the reference.
     args.data.seq_len = max(cli.bptt_depth, 1 if cli.bptt_depth else 2) * hmt.content_length
-    args.data.batch_size, args.data.tokenizer, args.data.load_async = cli.batch_size, backbone_data.tokenizer, False
+    args.data.batch_size, args.data.tokenizer, args.data.load_async = cli.batch_size, tokenizer, False
     args.optim.lr, args.optim.warmup, args.optim.weight_decay = cli.learning_rate, 0, 0.01
     args.optim.scheduler = "step" if cli.lr_decay else "constant"
     if cli.use_lora:  # the backbone's own weights stay as they are; its adapters and HMT's parameters train
@@ -122,6 +150,13 @@ def build_hmt(args: HMTTrainArgs, device: torch.device | str = "cpu") -> HMT:
     """The HMT model on `device` (meta: the loop shards, materialises and initialises it; its
     backbone's initialisation is the backbone checkpoint's weights)."""
     with torch.device(device):
+        if args.backbone_kind == "hf":
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.backbone), torch_dtype=torch.float32)
+            if args.hmt.use_lora:
+                add_lora(model, args.hmt, HF_LORA_TARGETS)
+            return HMT(HFBackbone(model, weights=args.backbone), args.hmt)
         model = LMTransformer(args.model)
         if args.hmt.use_lora:
             add_lora(model, args.hmt)

@@ -201,3 +201,26 @@ def test_a_hugging_face_backbone_exported_by_apps_main_export_trains_with_lora(t
     assert all(torch.equal(base[k], v) for k, v in original.items())  # the HF backbone untouched by LoRA training
     again = main(flags(dataset, hf_dir, "--load_from_ckpt", str(ckpt), "--inference_only"))
     assert again["test"]["ppl"] == pytest.approx(trained["test"]["ppl"], rel=1e-5)
+
+
+def test_stage_2_starts_from_stage_1_and_adds_recall(tmp_path, dataset, backbone):
+    from apps.main.eval import resolve_ckpt_dir
+    from apps.main.train import setup_model
+    from lingua.checkpoint import load_model_weights
+    from lingua.distributed import parallel_dims
+
+    one, two = tmp_path / "stage1", tmp_path / "stage2"
+    main(flags(dataset, backbone, "--training_step", "2", "--hmt_stage_1", "--save_ckpt", str(one)))
+    args1 = to_train_args(parse_hmt_args(flags(dataset, backbone, "--hmt_stage_1")))
+    stage1 = build_hmt(args1)
+    load_model_weights(resolve_ckpt_dir(str(one)), stage1)
+    assert stage1.recall is None
+    argv2 = flags(dataset, backbone, "--training_step", "2", "--hmt_stage_2", "--load_from_ckpt", str(one),
+                  "--save_ckpt", str(two))
+    args2 = to_train_args(parse_hmt_args(argv2))
+    start = setup_model(args2, None, parallel_dims(args2.distributed, 1), torch.device("cpu"),
+                        lambda _, device: build_hmt(args2, device))
+    assert start.recall is not None  # stage 2 recalls
+    assert torch.equal(start.memory_token, stage1.memory_token)
+    assert all(torch.equal(a, b) for a, b in zip(start.backbone.parameters(), stage1.backbone.parameters()))
+    assert math.isfinite(main(argv2)["test"]["ppl"])

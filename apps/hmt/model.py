@@ -273,8 +273,12 @@ class HMT(nn.Module):
     # backbone does); the backbone adapters declare theirs `base` (lingua.optim).
     optim_component = "memory"
 
-    def __init__(self, backbone: nn.Module, args: HMTArgs):
+    def __init__(self, backbone: nn.Module, args: HMTArgs, init_from: Optional[str] = None,
+                 init_skip: tuple[str, ...] = ()):
+        """init_from: an HMT checkpoint whose weights start this model (but for the keys that
+        start with one of init_skip: stage 2 starts from stage 1, which has no recall)."""
         super().__init__()
+        self.init_from, self.init_skip = init_from, init_skip
         args.check()
         if backbone.max_len is not None and args.segment_length > backbone.max_len:
             raise ValueError(f"segment_length={args.segment_length} exceeds the backbone's {backbone.max_len} "
@@ -289,9 +293,14 @@ class HMT(nn.Module):
         self.last_recall_weights: list[torch.Tensor] = []  # of the last forward, for --plot_hist
 
     def reset_parameters(self, init: ParamInit) -> None:
-        """The backbone's initialisation (its pretrained weights when it has some), then HMT's."""
+        """The backbone's initialisation (its pretrained weights when it has some), then HMT's;
+        then the weights of init_from, if given."""
         self.backbone.reset_parameters(init)
         self.reset_memory_parameters(init)
+        if self.init_from:
+            from lingua.checkpoint import load_model_weights
+
+            load_model_weights(self.init_from, self, key_map=lambda k: None if k.startswith(self.init_skip) else k)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per text token: the backbone's over the segment's whole input, and the

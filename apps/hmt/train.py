@@ -43,7 +43,7 @@ from lingua.distributed import shutdown_distributed
 
 logger = logging.getLogger(__name__)
 
-NOT_YET = ("dynamic", "interleave_dataset", "dilate_dataset", "streaming", "hmt_stage_2")
+NOT_YET = ("dynamic", "interleave_dataset", "dilate_dataset", "streaming")
 
 
 @dataclass
@@ -61,6 +61,8 @@ class HMTTrainArgs(TrainArgs):
     hmt: HMTArgs = field(default_factory=HMTArgs)
     backbone: str = ""  # the backbone's checkpoint or HF directory (its weights start the run)
     backbone_kind: str = choice("lingua", ("lingua", "hf"))
+    init_from: str = ""  # an HMT checkpoint the run starts from (--load_from_ckpt; stage 2: without recall)
+    init_skip: list[str] = field(default_factory=list)  # its keys not loaded (stage 2: recall.)
     task: HMTTaskArgs = field(default_factory=HMTTaskArgs)
 
     def max_window(self) -> Optional[int]:
@@ -124,10 +126,18 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
     if cli.segment_length > model.max_seqlen:
         raise ConfigError(f"--segment_length {cli.segment_length} exceeds the backbone's max_seqlen "
                           f"{model.max_seqlen} ({ckpt})")
+    if cli.load_from_ckpt and not cli.inference_only:  # continue from it; stage 2 adds recall to stage 1
+        try:
+            args_init = str(resolve_ckpt_dir(cli.load_from_ckpt))
+        except FileNotFoundError as e:
+            raise ConfigError(f"--load_from_ckpt: {e}") from None
+    else:
+        args_init = ""
     steps = cli.training_step * cli.num_epochs
     args = HMTTrainArgs(
         name=cli.wandb_run or "hmt", dump_dir=cli.save_ckpt or f"./dump/hmt_{cli.task_name.replace('/', '_')}",
         seed=cli.seed, steps=steps, model=model, hmt=hmt, backbone=str(ckpt), backbone_kind=kind,
+        init_from=args_init, init_skip=["recall."] if cli.hmt_stage_2 else [],
         task=HMTTaskArgs(cli.task_name, cli.task_config, cli.data_dir, cli.cache_dir, cli.train_set_split, cli.shuffle),
     )
     # A training window: bptt_depth segments of text (2 without truncation), as the reference.
@@ -156,11 +166,13 @@ def build_hmt(args: HMTTrainArgs, device: torch.device | str = "cpu") -> HMT:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.backbone), torch_dtype=torch.float32)
             if args.hmt.use_lora:
                 add_lora(model, args.hmt, HF_LORA_TARGETS)
-            return HMT(HFBackbone(model, weights=args.backbone), args.hmt)
+            return HMT(HFBackbone(model, weights=args.backbone), args.hmt, args.init_from or None,
+                       tuple(args.init_skip))
         model = LMTransformer(args.model)
         if args.hmt.use_lora:
             add_lora(model, args.hmt)
-        return HMT(LinguaBackbone(model, weights=args.backbone), args.hmt)
+        return HMT(LinguaBackbone(model, weights=args.backbone), args.hmt, args.init_from or None,
+                   tuple(args.init_skip))
 
 
 def hmt_loader(split: str = "train"):

@@ -113,3 +113,19 @@ def test_batches_resume_exactly_and_shuffle_per_epoch():
     assert sorted(epoch0) == sorted(epoch1) == list(range(14)) and list(epoch0) != list(epoch1)
     with pytest.raises(ConfigError, match="--batch_size 30"):
         DocumentBatches(rows, batch_size=30)
+
+
+def test_streaming_reads_the_first_documents_of_a_stream(tmp_path):
+    d = write_json(tmp_path / "d")
+    assert load_texts("json", "train", data_dir=str(d), cache_dir=str(tmp_path / "c"), limit=2, streaming=True) == \
+        DOCS["train"][:2]
+
+
+def test_dilate_and_interleave():
+    from apps.hmt.data import dilated, interleaved
+
+    assert dilated("abcdef", 3, "$") == "abc$$$def"
+    a, b = [256, 1, 2, 3, 4, 5], [256, 11, 12, 13, 14, 15]
+    (mixed, odd) = interleaved([a, b, [256, 7]], length=2)
+    assert mixed == [256, 1, 11, 12, 2, 3, 13, 14, 4, 5, 15]  # two of a, two of b, ...; one BOS
+    assert odd == [256, 7]

@@ -211,3 +211,21 @@ def test_hugging_face_backbone_gives_the_same_hmt(tmp_path):
     x = tokens(3)
     with torch.no_grad():
         assert (a(x) - b(x)).abs().max().item() < 1e-4
+
+
+def test_dynamic_reading_varies_segment_lengths_in_training_only():
+    model, bb = hmt(dynamic=True)
+    x = tokens(6)
+    model.train()
+    model(x)
+    lengths = [r.shape[1] - 2 - (2 if i else 0) for i, r in enumerate(bb.read[1::2])]  # text per segment read
+    assert len(set(lengths)) > 1 and all(4 <= n <= 8 for n in lengths[:-1]) and sum(lengths) == 48
+    first = list(lengths)
+    bb.read.clear()
+    model(x)  # the same window reads the same way (exact resume)
+    assert [r.shape[1] - 2 - (2 if i else 0) for i, r in enumerate(bb.read[1::2])] == first
+    bb.read.clear()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert [r.shape[1] for r in bb.read[1::2]] == [10] + [12] * 5  # evaluation: fixed segments

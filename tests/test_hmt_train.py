@@ -102,7 +102,7 @@ def test_perplexity_is_over_tokens_not_a_mean_of_exps():
 
 @pytest.mark.parametrize("extra, message", [
     (["--model_name", "/nonexistent"], "--model_name"),
-    (["--dynamic"], "--dynamic: not supported"),
+    (["--generate", "/nonexistent/prompt.txt"], "no such prompt file"),
     (["--task_name", "nobody/nothing"], "--task_name nobody/nothing"),
     (["--segment_length", "64"], "exceeds the backbone's max_seqlen"),
     (["--segment_length", "4"], "segment_length"),

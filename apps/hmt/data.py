@@ -60,9 +60,14 @@ def split_spec(split: str, train_set_split: Optional[str]) -> str:
 
 def load_texts(task_name: str, split: str, task_config: Optional[str] = None, data_dir: Optional[str] = None,
                cache_dir: Optional[str] = None, train_set_split: Optional[str] = None,
-               limit: Optional[int] = None) -> list[str]:
-    """The documents of one split (their `text` field, else the first text field)."""
+               limit: Optional[int] = None, streaming: bool = False) -> list[str]:
+    """The documents of one split (their `text` field, else the first text field); the first
+    `limit` of them. streaming: read them as a stream (datasets' IterableDataset: nothing is
+    downloaded or prepared whole), which needs a limit."""
     import datasets
+
+    if streaming and limit is None:
+        raise ValueError("streaming reads the first `limit` documents: give a limit")
 
     if task_name in LOCAL:
         files = local_files(task_name, data_dir or "")
@@ -72,15 +77,23 @@ def load_texts(task_name: str, split: str, task_config: Optional[str] = None, da
     else:
         source = dict(path=task_name, name=task_config)
     try:
-        ds = datasets.load_dataset(**source, split=split_spec(split, train_set_split), cache_dir=cache_dir)
+        ds = datasets.load_dataset(**source, split=split if streaming else split_spec(split, train_set_split),
+                                   cache_dir=cache_dir, streaming=streaming)
+        records = list(ds.take(limit)) if streaming else None  # a stream: its first `limit` records only
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # missing, offline, bad config
         raise ConfigError(f"--task_name {task_name}" + (f" --task_config {task_config}" if task_config else "")
                           + f": cannot load its {split} split ({type(e).__name__}: {e})") from None
-    field = "text" if "text" in ds.column_names else next(
-        (c for c in ds.column_names if ds.features[c].dtype == "string"), None)
+    if streaming:
+        columns = list(records[0]) if records else []
+        is_text = lambda c: isinstance(records[0][c], str)  # noqa: E731
+    else:
+        columns = ds.column_names
+        is_text = lambda c: ds.features[c].dtype == "string"  # noqa: E731
+    field = "text" if "text" in columns else next((c for c in columns if is_text(c)), None)
     if field is None:
-        raise ConfigError(f"--task_name {task_name}: no text column in {ds.column_names}")
-    texts = [t for t in ds[field][: limit if limit is not None else None] if t and t.strip()]
+        raise ConfigError(f"--task_name {task_name}: no text column in {columns}")
+    column = [r[field] for r in records] if streaming else ds[field][: limit if limit is not None else None]
+    texts = [t for t in column if t and t.strip()]
     if not texts:
         raise ConfigError(f"--task_name {task_name}: the {split} split has no text")
     return texts
@@ -138,3 +151,37 @@ class DocumentBatches:
 
     def close(self) -> None:
         pass
+
+
+def dilated(text: str, length: int, filler: str) -> str:
+    """`text` with `length` copies of `filler` in its middle (--dilate_dataset: the answer
+    moves that much further from its context)."""
+    middle = len(text) // 2
+    return text[:middle] + filler * length + text[middle:]
+
+
+def interleaved(docs: list[list[int]], length: int) -> list[list[int]]:
+    """Every two documents mixed into one, `length` tokens of the first, then of the second, and
+    so on (--interleave_dataset: context switches); the second's leading BOS is dropped."""
+    out = []
+    for a, b in zip(docs[0::2], docs[1::2]):
+        b = b[1:] if len(b) and len(a) and b[0] == a[0] else b
+        mixed = []
+        for start in range(0, max(len(a), len(b)), length):
+            mixed += a[start : start + length] + b[start : start + length]
+        out.append(mixed)
+    if len(docs) % 2:
+        out.append(docs[-1])
+    return out
+
+
+def split_documents(task, split: str, tokenizer, limit: Optional[int] = None) -> list[list[int]]:
+    """The token ids of a split's documents (`task`: apps.hmt.train's HMTTaskArgs), BOS/EOS
+    framed, dilated and interleaved as the task says; the first `limit` documents."""
+    texts = load_texts(task.task_name, split, task.task_config, task.data_dir, task.cache_dir,
+                       task.train_set_split if split == "train" else None, limit=limit, streaming=task.streaming)
+    texts = texts[:limit] if limit is not None else texts
+    if task.dilate_dataset:
+        texts = [dilated(t, task.dilate_len, task.dilate_str) for t in texts]
+    docs = [tokenizer.encode(t, add_bos=True, add_eos=True) for t in texts]
+    return interleaved(docs, task.interleave_len) if task.interleave_dataset else docs

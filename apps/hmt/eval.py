@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from apps.hmt.data import load_texts
+from apps.hmt.data import split_documents
 from lingua.checkpoint import load_model_weights
 from lingua.data import IGNORE_INDEX
 from lingua.distributed import default_device
@@ -99,9 +99,7 @@ def evaluate_splits(args, ckpt, eval_batches: int, test_batches: int, splits=("v
     results = {}
     for split in splits:
         n_docs = (eval_batches if split == "validation" else test_batches) * args.data.batch_size
-        t = args.task
-        texts = load_texts(t.task_name, split, t.task_config, t.data_dir, t.cache_dir)[:n_docs]
-        docs = [tokenizer.encode(text, add_bos=True, add_eos=True) for text in texts]
+        docs = split_documents(args.task, split, tokenizer, limit=n_docs)
         histogram = RecallHistogram(model) if plot_hist and split == "test" else None
         results[split] = split_perplexity(model, docs, device, desc=split, after_each=histogram)
         if histogram is not None:

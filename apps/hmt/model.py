@@ -55,6 +55,7 @@ class HMTArgs:
     mem_prune: str = choice("fifo", ("fifo", "attention"))  # which memory a full cache drops
     # LoRA on the backbone (peft; the `lora` component), its base weights frozen: r 8, alpha 32,
     # dropout 0.1 on q/k/v/o/gate/up/down and the embedding, as the paper.
+    dynamic: bool = False  # training reads segments of varying length (L/2 .. L text tokens): reading speed varies
     use_lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 32
@@ -366,21 +367,35 @@ class HMT(nn.Module):
             after = after.detached()  # the gradient stops here: at most bptt_depth segments of state
         return logits, after, weights
 
+    def segment_bounds(self, tokens: torch.Tensor) -> list[tuple[int, int]]:
+        """(start, end) of each segment of the window: content_length tokens, or with `dynamic`
+        in training between half that and that, drawn from the window's own tokens (the same
+        window reads the same way again, so a resumed run repeats it exactly)."""
+        L, S = self.args.content_length, tokens.shape[1]
+        if not (self.args.dynamic and self.training):
+            return [(start, min(start + L, S)) for start in range(0, S, L)]
+        generator = torch.Generator().manual_seed(int(tokens[:, :64].sum()))
+        bounds, start = [], 0
+        while start < S:
+            n = int(torch.randint(max(1, L // 2), L + 1, (1,), generator=generator))
+            bounds.append((start, min(start + n, S)))
+            start += n
+        return bounds
+
     def forward(self, tokens: torch.Tensor, target: Optional[torch.Tensor] = None, reduction: str = "mean"):
         """Logits [B, S, V] of the window read segment by segment, or the loss over the labels
         (mean, or sum with reduction="sum", as LMTransformer: the shared training loop calls it)."""
-        L = self.args.content_length
         state = self.new_state()
         self.last_recall_weights = []
         outputs, loss = [], None
-        for start in range(0, tokens.shape[1], L):
-            logits, state, weights = self.read_segment(tokens[:, start : start + L], state)
+        for start, end in self.segment_bounds(tokens):
+            logits, state, weights = self.read_segment(tokens[:, start:end], state)
             if weights is not None:
                 self.last_recall_weights.append(weights.detach())
             if target is None:
                 outputs.append(logits)
                 continue
-            part = F.cross_entropy(logits.flatten(0, 1).float(), target[:, start : start + L].flatten(),
+            part = F.cross_entropy(logits.flatten(0, 1).float(), target[:, start:end].flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
             loss = part if loss is None else loss + part
         if target is None:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from apps.hmt.args import HMTCliArgs, parse_hmt_args
-from apps.hmt.data import DocumentBatches, document_windows, load_texts
+from apps.hmt.data import DocumentBatches, document_windows, load_texts, split_documents
 from apps.hmt.model import HF_LORA_TARGETS, HMT, HFBackbone, HMTArgs, LinguaBackbone, add_lora
 from apps.main.eval import resolve_ckpt_dir
 from apps.main.train import NonFiniteLoss, StepOutOfMemory, TrainArgs, model_tokenizer, train
@@ -43,7 +43,6 @@ from lingua.distributed import shutdown_distributed
 
 logger = logging.getLogger(__name__)
 
-NOT_YET = ("dynamic", "interleave_dataset", "dilate_dataset", "streaming")
 
 
 @dataclass
@@ -54,6 +53,12 @@ class HMTTaskArgs:
     cache_dir: str = "."
     train_set_split: Optional[str] = None
     shuffle: bool = False
+    streaming: bool = False
+    interleave_dataset: bool = False
+    interleave_len: int = 100
+    dilate_dataset: bool = False
+    dilate_len: int = 888
+    dilate_str: str = "$"
 
 
 @dataclass
@@ -102,9 +107,6 @@ def hf_model_keys(config: dict) -> dict:
 
 def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
     """The HMT flags as a training config (the backbone's model and tokenizer keys)."""
-    used = [f"--{name}" for name in NOT_YET if getattr(cli, name)]
-    if used:
-        raise ConfigError(f"{', '.join(used)}: not supported by apps.hmt.train yet")
     kind, ckpt = resolve_backbone(cli.model_name, cli.cache_dir)
     if kind == "lingua":
         model = load_params(Path(ckpt) / "params.json", LMTransformerArgs, "model")
@@ -118,7 +120,7 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
     hmt = HMTArgs(mode=cli.mode, segment_length=cli.segment_length, num_sensory=cli.num_sensory,
                   mem_recall_context=cli.mem_recall_context, mem_recall_hidden_dim=cli.mem_recall_hidden_dim,
                   sum_fraction=cli.sum_fraction, bptt_depth=cli.bptt_depth, mem_prune=cli.mem_prune,
-                  use_lora=cli.use_lora)
+                  use_lora=cli.use_lora, dynamic=cli.dynamic)
     try:
         hmt.check()
     except ValueError as e:
@@ -138,7 +140,9 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
         name=cli.wandb_run or "hmt", dump_dir=cli.save_ckpt or f"./dump/hmt_{cli.task_name.replace('/', '_')}",
         seed=cli.seed, steps=steps, model=model, hmt=hmt, backbone=str(ckpt), backbone_kind=kind,
         init_from=args_init, init_skip=["recall."] if cli.hmt_stage_2 else [],
-        task=HMTTaskArgs(cli.task_name, cli.task_config, cli.data_dir, cli.cache_dir, cli.train_set_split, cli.shuffle),
+        task=HMTTaskArgs(cli.task_name, cli.task_config, cli.data_dir, cli.cache_dir, cli.train_set_split, cli.shuffle,
+                         cli.streaming, cli.interleave_dataset, cli.interleave_len, cli.dilate_dataset, cli.dilate_len,
+                         cli.dilate_str),
     )
     # A training window: bptt_depth segments of text (2 without truncation), as the reference.
     args.data.seq_len = max(cli.bptt_depth, 1 if cli.bptt_depth else 2) * hmt.content_length
@@ -180,8 +184,9 @@ def hmt_loader(split: str = "train"):
     def build(args: HMTTrainArgs, dp_rank: int, dp_size: int, state: Optional[dict]) -> DocumentBatches:
         tokenizer = model_tokenizer(args)
         t = args.task
-        texts = load_texts(t.task_name, split, t.task_config, t.data_dir, t.cache_dir, t.train_set_split)
-        docs = [tokenizer.encode(text, add_bos=True, add_eos=True) for text in texts]
+        # a stream is read as far as the run needs: at least one window per document
+        limit = args.steps * args.data.batch_size * dp_size if t.streaming else None
+        docs = split_documents(t, split, tokenizer, limit)
         batches = DocumentBatches(document_windows(docs, args.data.seq_len), args.data.batch_size, dp_rank, dp_size,
                                   seed=args.seed, shuffle=t.shuffle or split == "train")
         if state is not None:
@@ -218,7 +223,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             raise ConfigError(f"--generate {cli.generate}: no such prompt file")
         # the datasets must load before any work (a missing one fails here, naming it)
         load_texts(args.task.task_name, "test" if cli.inference_only else "train", args.task.task_config,
-                   args.task.data_dir, args.task.cache_dir, args.task.train_set_split, limit=1)
+                   args.task.data_dir, args.task.cache_dir, args.task.train_set_split, limit=1,
+                   streaming=args.task.streaming)
         if cli.inference_only:
             init_logger(0)
             ckpt = resolve_ckpt_dir(cli.load_from_ckpt)

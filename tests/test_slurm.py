@@ -99,11 +99,11 @@ def test_stool_job_trains_from_its_code_snapshot(corpus, tmp_path):
 @pytest.mark.slurm
 @slurm
 def test_usr2_requeues_and_resumes_with_identical_losses(corpus, tmp_path):
-    steps = 1500  # tiny steps: long enough to be signalled mid-run, short once resumed
+    steps = 600  # tiny steps: long enough to be signalled mid-run (after 50), short once resumed
     sub = {}
     for name in ("signalled", "reference"):
         config = tiny_config(corpus, tmp_path / name, tmp_path / f"{name}.yaml", steps=steps,
-                             **{"checkpoint.dump.every": 500})
+                             **{"checkpoint.dump.every": 200})
         out = stool([f"config={config}", *STOOL_CPU])
         assert out.returncode == 0, out.stderr
         sub[name] = job_id(out.stdout)

@@ -27,7 +27,9 @@ class HMTCliArgs:
     task_name: str = "wikitext"  # a hub dataset, or json | parquet | text with --data_dir
     task_config: Optional[str] = None  # the dataset's config, e.g. wikitext-103-raw-v1 (--task_subset)
     data_dir: Optional[str] = None  # local train / validation / test files
-    cache_dir: str = "."  # where hub datasets and models are downloaded
+    # where hub datasets and models are downloaded; None: the Hugging Face cache (~/.cache/huggingface),
+    # not the reference's "." (which fills the working directory with dataset caches)
+    cache_dir: Optional[str] = None
     train_set_split: Optional[str] = None  # e.g. "2%" or "1000": the head of the training split
     streaming: bool = False
     shuffle: bool = False

@@ -50,7 +50,7 @@ class HMTTaskArgs:
     task_name: str = "wikitext"
     task_config: Optional[str] = None
     data_dir: Optional[str] = None
-    cache_dir: str = "."
+    cache_dir: Optional[str] = None
     train_set_split: Optional[str] = None
     shuffle: bool = False
     streaming: bool = False
@@ -74,7 +74,7 @@ class HMTTrainArgs(TrainArgs):
         return None  # HMT reads segment_length at a time (HMTArgs.check, against the backbone)
 
 
-def resolve_backbone(model_name: str, cache_dir: str) -> tuple[str, str]:
+def resolve_backbone(model_name: str, cache_dir: Optional[str]) -> tuple[str, str]:
     """("lingua", checkpoint dir) for an apps/main dump dir or checkpoint; ("hf", directory) for
     a Hugging Face model directory or hub id (downloaded into cache_dir by huggingface_hub)."""
     if not model_name:

@@ -171,7 +171,8 @@ def validate(args: StoolArgs, overrides: Optional[list[str]] = None) -> tuple[di
         module = importlib.import_module(args.script)
     except Exception as e:  # a broken script must not be submitted
         raise ConfigError(f"script '{args.script}' fails to import: {type(e).__name__}: {e}") from None
-    train_args_cls = getattr(module, "TrainArgs", None)
+    # The script's config class: CONFIG_ARGS where it has its own (apps.hmt.train), else TrainArgs.
+    train_args_cls = getattr(module, "CONFIG_ARGS", None) or getattr(module, "TrainArgs", None)
     config = resolve_paths(apply_overrides(config, overrides or [], train_args_cls), Path.cwd())
     if train_args_cls is not None:
         try:

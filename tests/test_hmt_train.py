@@ -224,3 +224,22 @@ def test_stage_2_starts_from_stage_1_and_adds_recall(tmp_path, dataset, backbone
     assert torch.equal(start.memory_token, stage1.memory_token)
     assert all(torch.equal(a, b) for a, b in zip(start.backbone.parameters(), stage1.backbone.parameters()))
     assert math.isfinite(main(argv2)["test"]["ppl"])
+
+
+def test_stool_submits_the_hmt_script_with_an_hmt_config(tmp_path, dataset, backbone):
+    import yaml
+
+    from tests.test_stool import BASH_JOB, stool
+
+    dump = tmp_path / "run"
+    config = tmp_path / "hmt.yaml"
+    values = {"task_name": "json", "data_dir": str(dataset), "model_name": str(backbone), "batch_size": 2,
+              "segment_length": 16, "num_sensory": 2, "mem_recall_context": 4, "mem_recall_hidden_dim": 8,
+              "training_step": 2, "eval_step": 1, "test_step": 1, "learning_rate": 1e-3, "dump_dir": str(dump)}
+    config.write_text(yaml.safe_dump({**values, "segment_lenght": 16}))
+    bad = stool([f"config={config}", "script=apps.hmt.train", *BASH_JOB], HF_DATASETS_OFFLINE="1")
+    assert bad.returncode == 2 and "segment_lenght" in bad.stderr and not dump.exists()  # checked as HMT's args
+    config.write_text(yaml.safe_dump(values))
+    out = stool([f"config={config}", "script=apps.hmt.train", *BASH_JOB], HF_DATASETS_OFFLINE="1")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (dump / "checkpoints/0000000002").is_dir() and (dump / "metrics.eval.jsonl").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -65,7 +66,8 @@ class HMTCliArgs:
     fp16: bool = False
     bf16: bool = False
     seed: int = 3407
-    save_ckpt: Optional[str] = None
+    save_ckpt: Optional[str] = None  # the run's dump dir
+    dump_dir: Optional[str] = None  # the same, as stool and YAML configs name it
     load_from_ckpt: Optional[str] = None
     # inference
     inference_only: bool = False
@@ -79,6 +81,8 @@ class HMTCliArgs:
         picked = [f for f in ("rmt_only", "baseline_only", "hmt_stage_1", "hmt_stage_2") if getattr(self, f)]
         if len(picked) > 1:
             raise ConfigError(f"--{' and --'.join(picked)} exclude each other: pick one")
+        if self.save_ckpt and self.dump_dir and os.path.abspath(self.save_ckpt) != os.path.abspath(self.dump_dir):
+            raise ConfigError(f"--save_ckpt {self.save_ckpt} and dump_dir={self.dump_dir} name two dump dirs: give one")
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 exclude each other")
         if self.inference_only and not self.load_from_ckpt:

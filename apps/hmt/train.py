@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 
 
+CONFIG_ARGS = HMTCliArgs  # what lingua.stool checks a config against (script=apps.hmt.train)
+
+
 @dataclass
 class HMTTaskArgs:
     task_name: str = "wikitext"
@@ -137,7 +140,8 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
         args_init = ""
     steps = cli.training_step * cli.num_epochs
     args = HMTTrainArgs(
-        name=cli.wandb_run or "hmt", dump_dir=cli.save_ckpt or f"./dump/hmt_{cli.task_name.replace('/', '_')}",
+        name=cli.wandb_run or "hmt",
+        dump_dir=cli.save_ckpt or cli.dump_dir or f"./dump/hmt_{cli.task_name.replace('/', '_')}",
         seed=cli.seed, steps=steps, model=model, hmt=hmt, backbone=str(ckpt), backbone_kind=kind,
         init_from=args_init, init_skip=["recall."] if cli.hmt_stage_2 else [],
         task=HMTTaskArgs(cli.task_name, cli.task_config, cli.data_dir, cli.cache_dir, cli.train_set_split, cli.shuffle,

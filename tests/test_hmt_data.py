@@ -18,10 +18,23 @@ DOCS = {split: [f"{split} document {i}: " + "words " * (5 + i) for i in range(4)
         ("train", "validation", "test")}
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
+def go_offline(monkeypatch) -> None:
+    """No hub access, also where datasets / huggingface_hub were imported before (they read the
+    variables at import): a hub name then fails at once instead of after network timeouts."""
+    import datasets
+    import huggingface_hub
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for module, name in ((datasets.config, "HF_DATASETS_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                         (huggingface_hub.constants, "HF_HUB_OFFLINE")):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, True)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    go_offline(monkeypatch)
 
 
 def write_json(d, docs=DOCS):

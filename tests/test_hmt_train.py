@@ -22,8 +22,9 @@ pytest.importorskip("datasets")
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from tests.test_hmt_data import go_offline
+
+    go_offline(monkeypatch)
 
 
 @pytest.fixture
@@ -243,3 +244,19 @@ def test_stool_submits_the_hmt_script_with_an_hmt_config(tmp_path, dataset, back
     out = stool([f"config={config}", "script=apps.hmt.train", *BASH_JOB], HF_DATASETS_OFFLINE="1")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (dump / "checkpoints/0000000002").is_dir() and (dump / "metrics.eval.jsonl").exists()
+
+
+@pytest.mark.distributed
+def test_torchrun_trains_hmt_with_fsdp_on_two_ranks_and_evaluates_once(tmp_path, dataset, backbone):
+    from tests.conftest import failure_report, run_module
+
+    ckpt = tmp_path / "ckpt"
+    proc = run_module("torch.distributed.run", ["--nproc-per-node", "2", "-m", "apps.hmt.train",
+                                                *flags(dataset, backbone, "--training_step", "2", "--save_ckpt",
+                                                       str(ckpt))],
+                      timeout=300, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, failure_report(proc)
+    assert "2 process(es) via torchrun: dp_replicate=1 dp_shard=2" in proc.stdout + proc.stderr
+    assert sorted(read_losses(ckpt)) == [1, 2]
+    rows = [json.loads(line) for line in open(ckpt / "metrics.eval.jsonl")]
+    assert len(rows) == 1 and math.isfinite(rows[0]["test"]["ppl"])

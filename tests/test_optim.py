@@ -121,7 +121,7 @@ def test_unknown_scheduler_rejected_by_config() -> None:
     from lingua.args import ConfigError, from_dict
 
     with pytest.raises(ConfigError, match="scheduler"):
-        from_dict(OptimArgs, {"scheduler": "step"})
+        from_dict(OptimArgs, {"scheduler": "exponential"})
 
 
 # ---------------------------------------------------------------- param groups

@@ -11,13 +11,14 @@ import sys
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from apps.hmt.data import split_documents
 from lingua.checkpoint import load_model_weights
 from lingua.data import IGNORE_INDEX
-from lingua.distributed import default_device
+from lingua.distributed import collective_device, default_device, world_info
 from lingua.metrics import MetricLogger
 
 logger = logging.getLogger(__name__)
@@ -27,11 +28,15 @@ logger = logging.getLogger(__name__)
 def split_perplexity(model, docs: list[list[int]], device: torch.device, desc: str = "",
                      after_each: Optional[Callable[[], None]] = None) -> dict:
     """{loss, ppl, tokens, docs} over every next-token prediction of the documents;
-    `after_each()` runs after each document's forward (--plot_hist reads the recall weights)."""
+    `after_each()` runs after each document's forward (--plot_hist reads the recall weights).
+    Under torchrun each rank reads its share of the documents (on a whole model: no collective
+    in the forward) and the sums are added up."""
     was_training = model.training
     model.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+        else (0, 1)
     nll, tokens = 0.0, 0
-    bar = tqdm(docs, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(docs[rank::world], desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=rank > 0)
     try:
         for number, doc in enumerate(bar, start=1):
             if len(doc) < 2:
@@ -44,9 +49,14 @@ def split_perplexity(model, docs: list[list[int]], device: torch.device, desc: s
             if after_each is not None:
                 after_each()
             # through tqdm, so the bar stays clean; stderr, so stdout keeps the results alone
-            bar.write(f"{desc} document {number}: loss {loss.item() / y.numel():.4f}", file=sys.stderr)
+            if rank == 0:
+                bar.write(f"{desc} document {number}: loss {loss.item() / y.numel():.4f}", file=sys.stderr)
     finally:
         model.train(was_training)
+    if world > 1:
+        sums = torch.tensor([nll, tokens], dtype=torch.float64, device=collective_device())
+        dist.all_reduce(sums)
+        nll, tokens = float(sums[0]), int(sums[1])
     mean = nll / max(tokens, 1)
     return {"loss": mean, "ppl": math.exp(mean), "tokens": tokens, "docs": len(docs)}
 
@@ -102,13 +112,17 @@ def evaluate_splits(args, ckpt, eval_batches: int, test_batches: int, splits=("v
         docs = split_documents(args.task, split, tokenizer, limit=n_docs)
         histogram = RecallHistogram(model) if plot_hist and split == "test" else None
         results[split] = split_perplexity(model, docs, device, desc=split, after_each=histogram)
-        if histogram is not None:
+        if histogram is not None and world_info().rank == 0:  # (rank 0's share of the documents)
             path = ckpt.parent.parent / "recall_hist.png"
             histogram.write(path)
             print(f"recall histogram: {path}", flush=True)
         r = results[split]
+        if world_info().rank > 0:
+            continue
         print(f"{split} PPL {r['ppl']:.4f} (loss {r['loss']:.4f} over {r['tokens']} tokens, {r['docs']} documents)",
               flush=True)
+    if world_info().rank > 0:
+        return results
     if generate_from:
         prompt = tokenizer.encode(open(generate_from, encoding="utf-8").read(), add_bos=True, add_eos=False)
         new = model.generate(prompt, generate_tokens, eos_id=tokenizer.eos_id)

@@ -144,6 +144,12 @@ class LinguaBackbone(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         return self.model.flops_per_token(seq_len)
 
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def embedding_weight(self) -> torch.Tensor:
+        return self.model.tok_embeddings.weight
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(tokens)
 
@@ -188,6 +194,13 @@ class HFBackbone(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(tokens)
+
+    def embedding_weight(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+    def blocks(self) -> nn.ModuleList:
+        base = self.model.base_model
+        return base.layers if hasattr(base, "layers") else base.decoder.layers  # Llama-like, OPT-like
 
     def flops_per_token(self, seq_len: int) -> float:
         n = sum(p.numel() for p in self.model.parameters()) - self.model.get_input_embeddings().weight.numel()
@@ -293,6 +306,11 @@ class HMT(nn.Module):
             self.reset_memory_parameters(ParamInit(0))
         self.last_recall_weights: list[torch.Tensor] = []  # of the last forward, for --plot_hist
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The backbone's blocks: what FSDP shards (and activation checkpointing wraps) one by one."""
+        return self.backbone.blocks()
+
     def reset_parameters(self, init: ParamInit) -> None:
         """The backbone's initialisation (its pretrained weights when it has some), then HMT's;
         then the weights of init_from, if given."""
@@ -313,7 +331,9 @@ class HMT(nn.Module):
     @torch.no_grad()
     def reset_memory_parameters(self, init: ParamInit) -> None:
         """As the reference: memory embeddings at the scale of the token embeddings."""
-        scale = float(self.backbone.embed(torch.arange(8, device=self.memory_token.device)).float().std())
+        table = self.backbone.embedding_weight()
+        table = table.full_tensor() if hasattr(table, "full_tensor") else table  # sharded under FSDP
+        scale = float(table.detach().float().std())
         scale = scale if math.isfinite(scale) and scale > 0 else 0.02
         for p in (self.memory_token, self.initial_memory):
             init.trunc_normal_(p, scale)

@@ -157,6 +157,7 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
         args.optim.base_model_lr, args.optim.lora_lr, args.optim.memory_lr = 0.0, cli.learning_rate, cli.learning_rate
     args.optim.step_size, args.optim.step_gamma = 100, cli.lr_decay_gamma
     args.distributed.model_dtype = "fp16" if cli.fp16 else "bf16" if cli.bf16 else "fp32"
+    args.distributed.dp_shard = -1  # torchrun / srun: FSDP over every process
     args.checkpoint.dump.every = args.checkpoint.eval.every = max(1, steps)
     args.logging.freq = max(1, min(50, steps // 10 or 1))
     if cli.wandb_project:
@@ -237,6 +238,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             train(args, build_model_fn=lambda _, device: build_hmt(args, device), build_loader_fn=hmt_loader(),
                   tokenizer_fn=model_tokenizer)
             ckpt = resolve_ckpt_dir(args.dump_dir)
+        # on the saved checkpoint, a whole model per rank, each reading its share of the documents
         results = evaluate_splits(args, ckpt, eval_batches=cli.eval_step, test_batches=cli.test_step,
                                   splits=("test",) if cli.inference_only else ("validation", "test"),
                                   plot_hist=cli.plot_hist, generate_from=cli.generate)

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import signal
 import subprocess
 import warnings
@@ -55,6 +56,9 @@ class DistributedArgs:
     # How the async data loader's child process starts (see loader_start_method).
     spawn_method: str = choice("fork", ("fork", "forkserver", "spawn"))
     memory_parallel_size: int = 1  # Memory Layers: column-parallel value tables
+    # A memory-parallel group exchanges indices and bags in every memory layer, forward and
+    # backward (all-gathers, all-to-all): kept within a node unless this says otherwise (check_memory_parallel_within_nodes).
+    memory_parallel_across_nodes: bool = False
 
 
 @dataclass
@@ -80,6 +84,7 @@ class WorldInfo:
     world_size: int
     local_world_size: int
     launcher: str  # "torchrun" | "slurm" | "single"
+    node: int = 0  # this process's node (SLURM_NODEID; torchrun's GROUP_RANK)
 
 
 def world_info(env: Optional[dict] = None) -> WorldInfo:
@@ -93,6 +98,7 @@ def world_info(env: Optional[dict] = None) -> WorldInfo:
             int(env["WORLD_SIZE"]),
             int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
             "torchrun",
+            int(env.get("GROUP_RANK", 0)),
         )
     # Only srun's step variables mean "launched as one task of several": an sbatch script and
     # an salloc shell also carry SLURM_PROCID=0 and the job's SLURM_NTASKS, and a plain python
@@ -107,6 +113,7 @@ def world_info(env: Optional[dict] = None) -> WorldInfo:
             ntasks,
             int(per_node.split("(")[0].split(",")[0]),
             "slurm",
+            int(env.get("SLURM_NODEID", 0)),
         )
     if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env:
         # accelerate's one-process launcher (it always sets ACCELERATE_USE_CPU) with
@@ -119,9 +126,19 @@ def world_info(env: Optional[dict] = None) -> WorldInfo:
 
 
 def slurm_master_addr(nodelist: str) -> str:
-    """First host of a SLURM nodelist, expanded by `scontrol show hostnames` (n[1-2] -> n1)."""
+    """The address of the first node of a SLURM nodelist: `scontrol show hostnames` expands the
+    list (n[1-2] -> n1), and `scontrol show node` gives the address SLURM itself reaches that node
+    at (NodeAddr). Node names need not resolve in DNS (they do not on many clusters, nor on the
+    local two-node cluster), so the name is the fallback only when scontrol cannot say."""
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()[0]
+    first = out.stdout.split()[0]
+    info = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True)
+    addr = re.search(r"\bNodeAddr=(\S+)", info.stdout) if info.returncode == 0 else None
+    if addr is None:
+        logger.warning("scontrol show node %s gave no NodeAddr (%s): using the node name as the master address",
+                       first, info.stderr.strip() or "no such field")
+        return first
+    return addr.group(1)
 
 
 def slurm_master_port(job_id: str) -> int:
@@ -140,6 +157,8 @@ def init_distributed(world: WorldInfo, env: Optional[dict] = None) -> None:
         env.setdefault("RANK", str(world.rank))
         env.setdefault("WORLD_SIZE", str(world.world_size))
         env.setdefault("LOCAL_RANK", str(world.local_rank))
+        logger.info("rank %d of %d on node %d: rendezvous at %s:%s (the job's first node)", world.rank,
+                    world.world_size, world.node, env["MASTER_ADDR"], env["MASTER_PORT"])
     if torch.cuda.is_available():
         dist.init_process_group("nccl", device_id=torch.device("cuda", world.local_rank))
     else:
@@ -281,6 +300,43 @@ def build_mesh(dims: ParallelDims, device_type: str):
                             mesh_dim_names=("dp_replicate", "dp_shard_mem", "mp", "tp"))
     mesh["dp_shard_mem", "mp"]._flatten("dp_shard")
     return mesh
+
+
+def memory_parallel_groups(dims: ParallelDims) -> list[list[int]]:
+    """The global ranks of each memory-parallel group, as build_mesh lays them out."""
+    ranks = torch.arange(dims.dp * dims.tp).reshape(dims.dp_replicate, dims.dp_shard // dims.mp, dims.mp, dims.tp)
+    return ranks.movedim(2, -1).reshape(-1, dims.mp).tolist()
+
+
+def block_node_layout(world_size: int, tasks_per_node: int) -> list[int]:
+    """Each rank's node when ranks fill nodes in order (torchrun; srun --distribution=block)."""
+    return [rank // tasks_per_node for rank in range(world_size)]
+
+
+def node_of_each_rank(world: WorldInfo) -> list[int]:
+    """Every rank's node, gathered (one collective): the launcher may place ranks in any order."""
+    if world.world_size == 1:
+        return [world.node]
+    device = collective_device()
+    nodes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world.world_size)]
+    dist.all_gather(nodes, torch.tensor([world.node], dtype=torch.int64, device=device))
+    return [int(n.item()) for n in nodes]
+
+
+def check_memory_parallel_within_nodes(dims: ParallelDims, node_of_rank: list[int], allowed: bool) -> None:
+    """A memory-parallel group spread over nodes runs its per-layer all-to-alls over the network:
+    an error, naming the group, unless distributed.memory_parallel_across_nodes asks for it."""
+    if dims.mp == 1 or allowed:
+        return
+    for group in memory_parallel_groups(dims):
+        nodes = sorted({node_of_rank[r] for r in group})
+        if len(nodes) > 1:
+            per_node = node_of_rank.count(node_of_rank[group[0]])
+            raise ValueError(
+                f"distributed.memory_parallel_size={dims.mp} (with tp_size={dims.tp}) puts the memory-parallel "
+                f"group of ranks {group} on nodes {nodes}: the all-gathers and all-to-alls of every memory "
+                f"layer, forward and backward, would cross the network. Keep memory_parallel_size x tp_size within one node's {per_node} "
+                "process(es), or set distributed.memory_parallel_across_nodes=true to ask for it")
 
 
 def dp_rank_and_size(mesh) -> tuple[int, int]:

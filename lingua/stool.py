@@ -44,7 +44,13 @@ from lingua.args import (
     to_dict,
 )
 from lingua.data import DataArgs, DataError, source_files
-from lingua.distributed import clean_env
+from lingua.distributed import (
+    DistributedArgs,
+    block_node_layout,
+    check_memory_parallel_within_nodes,
+    clean_env,
+    parallel_dims,
+)
 
 CODE_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".sh", ".txt", ".cfg", ".ini", ".toml"}
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "data", "dump", "dumps", ".gl", ".whl"}
@@ -179,6 +185,9 @@ def validate(args: StoolArgs, overrides: Optional[list[str]] = None) -> tuple[di
             train_args = from_dict(train_args_cls, config)
         except ConfigError as e:
             raise ConfigError(f"{e} (in {args.config}{' or the command line' if overrides else ''})") from None
+        distributed = getattr(train_args, "distributed", None)
+        if isinstance(distributed, DistributedArgs):
+            check_layout(args, distributed)
         data = getattr(train_args, "data", None)
         if isinstance(data, DataArgs):
             try:
@@ -198,6 +207,19 @@ def validate(args: StoolArgs, overrides: Optional[list[str]] = None) -> tuple[di
     if args.launcher == "sbatch" and shutil.which("sbatch") is None:
         raise ConfigError("launcher=sbatch but sbatch is not on PATH (on a workstation: bash setup/local_slurm.sh)")
     return config, dump_dir
+
+
+def check_layout(args: StoolArgs, distributed: DistributedArgs) -> None:
+    """The job's parallel layout over nodes x tasks per node, checked as the job will check it,
+    but before submitting (the job's srun places ranks in node order: --distribution=block)."""
+    tasks = max(1, args.ngpu)
+    world = args.nodes * tasks
+    try:
+        dims = parallel_dims(distributed, world)
+        check_memory_parallel_within_nodes(dims, block_node_layout(world, tasks),
+                                           distributed.memory_parallel_across_nodes)
+    except ValueError as e:
+        raise ConfigError(f"{e} (the job: nodes={args.nodes} x {tasks} task(s) per node = {world} processes)") from None
 
 
 def code_files(root: Path) -> list[Path]:

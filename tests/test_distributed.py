@@ -354,8 +354,10 @@ def test_tied_weights_on_two_ranks_match_one_process(tmp_path, layout):
     two = run_worker(tmp_path / "two.pt", "model.weight_tying=true", layout, nproc=2)
     assert not any(name.startswith("output.") for name in two["params"]), "output is not the embedding"
     # The shared matrix sums two uses' gradients, in another order per layout: Adam moves
-    # parameters a little further apart than the untied model's (see assert_matches).
-    assert_matches(single, two, param_tol=3e-4)
+    # parameters a little further apart than the untied model's (see assert_matches). How far
+    # depends on the CPU's kernels: 3.2e-4 under TP on an Intel Xeon (below 3e-4 on AMD EPYC),
+    # against the 5 steps x lr 1e-2 a wrong gradient would move them.
+    assert_matches(single, two, param_tol=5e-4)
 
 
 def test_selective_activation_checkpointing_saves_memory_not_results():
@@ -709,3 +711,37 @@ def test_grad_accumulation_under_fsdp_reduce_scatters_once_per_step(corpus, tmp_
         calls = json.loads((tmp_path / f"calls{acc}.rank0.json").read_text())
         counts[acc] = sum(c["op"] == "c10d._reduce_scatter_base_.default" for c in calls)
     assert counts[1] > 0 and counts[3] == counts[1], counts
+
+
+def test_memory_parallel_groups_and_nodes_of_ranks():
+    from lingua.distributed import (ParallelDims, block_node_layout, check_memory_parallel_within_nodes,
+                                    memory_parallel_groups, world_info)
+
+    # build_mesh's layout: (dp_replicate, dp_shard_mem, mp, tp), tp innermost.
+    assert memory_parallel_groups(ParallelDims(2, 4, 1, 2)) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert memory_parallel_groups(ParallelDims(1, 2, 2, 2)) == [[0, 2], [1, 3]]
+    assert block_node_layout(4, 2) == [0, 0, 1, 1]
+    check_memory_parallel_within_nodes(ParallelDims(1, 4, 1, 2), [0, 0, 1, 1], allowed=False)
+    # A launcher that deals ranks round-robin over nodes splits every pair.
+    with pytest.raises(ValueError, match=r"group of ranks \[0, 1\] on nodes \[0, 1\]"):
+        check_memory_parallel_within_nodes(ParallelDims(1, 4, 1, 2), [0, 1, 0, 1], allowed=False)
+    check_memory_parallel_within_nodes(ParallelDims(1, 4, 1, 2), [0, 1, 0, 1], allowed=True)
+    # Each process knows its node: srun's SLURM_NODEID, torchrun's GROUP_RANK.
+    srun = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+            "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_NODEID": "1"}
+    assert world_info(srun).node == 1
+    assert world_info({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "GROUP_RANK": "2"}).node == 2
+
+
+def test_master_address_falls_back_to_the_node_name_without_a_node_addr(tmp_path, monkeypatch):
+    """`scontrol show node` of a cluster that gives no NodeAddr (or fails): the expanded name."""
+    from lingua.distributed import slurm_master_addr
+
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\nif [ "$2" = hostnames ]; then printf "gpu-a7\\ngpu-a8\\n"; '
+                    'elif [ "$3" = gpu-a7 ]; then echo "NodeName=gpu-a7 Arch=x86_64"; fi\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert slurm_master_addr("gpu-a[7-8]") == "gpu-a7"
+    fake.write_text(fake.read_text().replace("Arch=x86_64", "NodeAddr=10.1.2.7 NodeHostName=gpu-a7"))
+    assert slurm_master_addr("gpu-a[7-8]") == "10.1.2.7"

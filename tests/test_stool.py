@@ -200,3 +200,34 @@ def test_missing_data_fails_before_submitting(corpus, tmp_path, case):
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert message in out.stderr, out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_memory_parallel_group_across_nodes_is_refused_before_anything_is_written(corpus, tmp_path):
+    """nodes=2 with one task each: a memory-parallel pair would span both nodes."""
+    dump = tmp_path / "run"
+    config = small_config(corpus, dump, tmp_path / "c.yaml")
+    layout = ["nodes=2", "ngpu=0", "ncpu=1", "launcher=bash", "distributed.dp_shard=2",
+              "distributed.memory_parallel_size=2"]
+    out = stool([f"config={config}", *layout])
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "memory-parallel group of ranks [0, 1] on nodes [0, 1]" in out.stderr, out.stderr
+    assert "nodes=2 x 1 task(s) per node = 2 processes" in out.stderr
+    assert not dump.exists()
+
+
+def test_layout_check_keeps_memory_parallel_groups_within_a_node():
+    from lingua.args import ConfigError
+    from lingua.distributed import DistributedArgs
+    from lingua.stool import StoolArgs, check_layout
+
+    eight_gpu_nodes = StoolArgs(script="apps.main.train", nodes=2, ngpu=8)
+    check_layout(eight_gpu_nodes, DistributedArgs(dp_shard=-1, memory_parallel_size=8))  # 8 per node: fits
+    check_layout(eight_gpu_nodes, DistributedArgs(dp_replicate=2, dp_shard=8, memory_parallel_size=4))
+    with pytest.raises(ConfigError, match=r"ranks \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15\] on nodes \[0, 1\]"):
+        check_layout(eight_gpu_nodes, DistributedArgs(dp_shard=16, memory_parallel_size=16))
+    # tp_size 2 spaces a group's ranks by 2: memory_parallel_size 8 then needs 16 ranks.
+    with pytest.raises(ConfigError, match="memory_parallel_size=8 \\(with tp_size=2\\)"):
+        check_layout(eight_gpu_nodes, DistributedArgs(dp_shard=8, tp_size=2, memory_parallel_size=8))
+    check_layout(eight_gpu_nodes, DistributedArgs(dp_shard=16, memory_parallel_size=16, memory_parallel_across_nodes=True))
+    with pytest.raises(ConfigError, match="must equal the number of processes"):
+        check_layout(eight_gpu_nodes, DistributedArgs(dp_shard=8))

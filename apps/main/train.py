@@ -43,12 +43,14 @@ from lingua.distributed import (
     apply_numerics,
     autocast_context,
     build_mesh,
+    check_memory_parallel_within_nodes,
     check_numerics,
     clip_grad_norm_,
     default_device,
     dp_rank_and_size,
     init_distributed,
     loader_start_method,
+    node_of_each_rank,
     parallel_dims,
     parallelize_model,
     requeue_slurm_job,
@@ -254,6 +256,11 @@ def start_processes(args: "TrainArgs", world: WorldInfo, dims: ParallelDims):
     set_cpu_threads(world)
     device = default_device(world.local_rank)
     init_distributed(world)
+    try:
+        check_memory_parallel_within_nodes(dims, node_of_each_rank(world),
+                                           args.distributed.memory_parallel_across_nodes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     mesh = build_mesh(dims, device.type) if world.world_size > 1 else None
     return device, mesh
 

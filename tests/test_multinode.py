@@ -4,7 +4,7 @@
 The module switches the local cluster to two nodes for its tests (as root; a running two-node
 cluster is used as it is) and puts the one-node layout back afterwards; it skips, saying why,
 where a second node cannot be started. Marker `multinode`; the tests that run whole 2-node jobs
-are also `slow` (about two and a half minutes on 2 cores in all): CI leaves them out with
+are also `slow` (about three and a half minutes on 2 cores in all): CI leaves them out with
 -m "not (multinode and slow)", `bash setup/run_tests.sh -m multinode` runs them all.
 """
 
@@ -163,6 +163,31 @@ def test_hsdp_two_node_job_requeued_by_usr2_resumes_exactly(corpus, tmp_path, tw
     worst_fsdp = max_difference(losses, read_losses(two_node_fsdp[0]))
     worst_one = max_difference(losses, one_node)
     assert worst_fsdp <= 1e-5 and worst_one <= 1e-5, (worst_fsdp, worst_one)
+
+
+@pytest.mark.slow
+def test_hsdp_shards_within_each_node_and_replicates_across_nodes(corpus, tmp_path):
+    """dp_replicate=2 x dp_shard=2 on 2 nodes x 2 tasks (srun -n 4 --overcommit: a node has one CPU):
+    each shard group is a node's two tasks, the replicas are the nodes. The losses equal a
+    one-node 4-process FSDP run's (the same 4 data-parallel ranks, the same batches)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    steps = {"steps": 16, "checkpoint.dump.every": 16}
+    ref = tmp_path / "one_node"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                          "-m", "apps.main.train", *tiny_overrides(corpus, ref, **steps, **{"distributed.dp_shard": 4})],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, failure_report(out)
+    dump = tmp_path / "two_nodes"
+    hsdp = {"distributed.dp_replicate": 2, "distributed.dp_shard": 2}
+    out = subprocess.run(["srun", "-N", "2", "-n", "4", "--overcommit", "--distribution=block", "-p", "debug",
+                          sys.executable,
+                          "-u", "-m", "apps.main.train", *tiny_overrides(corpus, dump, **steps, **hsdp)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, failure_report(out)
+    assert "4 process(es) via slurm: dp_replicate=2 dp_shard=2" in out.stdout + out.stderr, failure_report(out)
+    worst = max_difference(read_losses(dump), read_losses(ref))
+    assert worst <= 1e-5, f"HSDP 2 nodes x 2 vs FSDP 1 node x 4: max loss difference {worst:.2e}"
 
 
 def test_master_address_is_the_first_nodes_nodeaddr_not_dns():

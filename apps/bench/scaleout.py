@@ -331,14 +331,13 @@ def main(argv: list[str] | None = None) -> dict:
     stderr_logging(logger)
     if ns.gpus % ns.gpus_per_node:
         parser.error(f"--gpus {ns.gpus} is not a whole number of nodes of --gpus_per_node {ns.gpus_per_node}")
-    configs = [c for c in ns.configs.split(",") if c]
-    missing = [c for c in configs if not (ROOT / c).exists() and not Path(c).exists()]
+    # A config as given, else relative to the repository (the defaults, from any directory).
+    configs = [c if Path(c).exists() else str(ROOT / c) for c in ns.configs.split(",") if c]
+    missing = [c for c in configs if not Path(c).exists()]
     if missing:
         parser.error(f"--configs: no such file: {', '.join(missing)}")
     measured = run_measurement(ns)
-    estimates = {Path(c).stem: estimate(config_params(str(ROOT / c) if (ROOT / c).exists() else c, ns.vocab_size),
-                                        measured, ns)
-                 for c in configs}
+    estimates = {Path(c).stem: estimate(config_params(c, ns.vocab_size), measured, ns) for c in configs}
     result = {
         "measured": measured,
         "estimate": {"gpus": ns.gpus, "gpus_per_node": ns.gpus_per_node,

@@ -256,11 +256,11 @@ def start_processes(args: "TrainArgs", world: WorldInfo, dims: ParallelDims):
     set_cpu_threads(world)
     device = default_device(world.local_rank)
     init_distributed(world)
-    try:
-        check_memory_parallel_within_nodes(dims, node_of_each_rank(world),
-                                           args.distributed.memory_parallel_across_nodes)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    if dims.mp > 1 and not args.distributed.memory_parallel_across_nodes:  # else no need to gather the nodes
+        try:
+            check_memory_parallel_within_nodes(dims, node_of_each_rank(world), allowed=False)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     mesh = build_mesh(dims, device.type) if world.world_size > 1 else None
     return device, mesh
 

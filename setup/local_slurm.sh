@@ -16,11 +16,17 @@ CONF=/etc/slurm/slurm.conf
 HOST=$(hostname -s)
 NODES=1
 
-stop_cluster() {
+any_daemon() { pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null; }
+stop_daemons() {  # every slurmd and slurmctld, waiting until they are gone (their ports are then free)
   pkill -x slurmd 2>/dev/null || true
   pkill -x slurmctld 2>/dev/null || true
+  for _ in $(seq 1 50); do any_daemon || break; sleep 0.1; done
+}
+stop_cluster() {
+  stop_daemons
   pkill -x munged 2>/dev/null || true
-  for _ in $(seq 1 50); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break; sleep 0.1; done
+  # A start right after must not mistake a munged still exiting for a running one.
+  for _ in $(seq 1 50); do pgrep -x munged >/dev/null || break; sleep 0.1; done
   echo "local SLURM stopped"
 }
 
@@ -108,7 +114,6 @@ PartitionName=debug Nodes=$NODE_LIST Default=YES MaxTime=INFINITE State=UP
 EOF
 )
 
-any_daemon() { pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null; }
 ours() { [ -f "$CONF" ] && grep -q "^# Written by setup/local_slurm.sh" "$CONF"; }
 same_layout() { ours && [ "$(head -1 "$CONF")" = "# Written by setup/local_slurm.sh: $LAYOUT." ]; }
 all_slurmd_up() {
@@ -127,9 +132,7 @@ else
       exit 1
     fi
     echo "switching the local SLURM to $LAYOUT"
-    pkill -x slurmd 2>/dev/null || true
-    pkill -x slurmctld 2>/dev/null || true
-    for _ in $(seq 1 50); do any_daemon || break; sleep 0.1; done
+    stop_daemons
   fi
   if [ -f "$CONF" ] && ! ours; then
     cp "$CONF" "$CONF.before-local_slurm.$(date +%s)"  # never lose a config someone else wrote

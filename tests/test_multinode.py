@@ -62,6 +62,13 @@ TWO_NODES = ["nodes=2", "ngpu=0", "ncpu=1", "partition=debug"]
 STEPS = 120  # tiny steps (about 0.2 s each here, 2 nodes on 2 cores): enough to be signalled mid-run
 
 
+def launch_env() -> dict:
+    """This environment without the SLURM / torchrun variables of any job the tests run in."""
+    from lingua.distributed import clean_env
+
+    return dict(clean_env(), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
 def job_config(corpus: Path, dump: Path, path: Path, **top) -> Path:
     """The tiny test model as a YAML config for stool, with its validation (for eval jobs)."""
     from lingua.args import _deep_merge, _dotlist_to_dict, load_yaml
@@ -91,8 +98,7 @@ def max_difference(a: dict[int, float], b: dict[int, float]) -> float:
 def one_node(corpus, tmp_path_factory) -> dict[int, float]:
     """The reference: one node, two processes under torchrun (FSDP over both)."""
     dump = tmp_path_factory.mktemp("one_node") / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = launch_env()
     argv = tiny_overrides(corpus, dump, steps=STEPS, **{"checkpoint.dump.every": 50, "distributed.dp_shard": 2})
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "apps.main.train", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -170,8 +176,7 @@ def test_hsdp_shards_within_each_node_and_replicates_across_nodes(corpus, tmp_pa
     """dp_replicate=2 x dp_shard=2 on 2 nodes x 2 tasks (srun -n 4 --overcommit: a node has one CPU):
     each shard group is a node's two tasks, the replicas are the nodes. The losses equal a
     one-node 4-process FSDP run's (the same 4 data-parallel ranks, the same batches)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = launch_env()
     steps = {"steps": 16, "checkpoint.dump.every": 16}
     ref = tmp_path / "one_node"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
@@ -202,8 +207,7 @@ def test_master_address_is_the_first_nodes_nodeaddr_not_dns():
 def test_memory_parallel_group_across_nodes_is_refused_before_work(corpus, tmp_path):
     """srun straight onto two nodes (stool refuses the same layout before submitting)."""
     dump = tmp_path / "mp"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = launch_env()
     argv = tiny_overrides(corpus, dump, **{"distributed.dp_shard": 2, "distributed.memory_parallel_size": 2})
     out = subprocess.run(["srun", "-N", "2", "-n", "2", "-p", "debug", sys.executable, "-u", "-m", "apps.main.train",
                           *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

@@ -448,6 +448,7 @@ def apply_fsdp(model: nn.Module, mesh, dims: ParallelDims, args: DistributedArgs
         for table in tables:
             fully_shard(table, mesh=table_mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=True)
+    reduce_unused_parameters(model)
     if tables:
         # Gathered when the model's forward starts (after the root's own FSDP hook), in eager
         # code: memory layers read the attributes inside their (possibly compiled) blocks,
@@ -459,6 +460,21 @@ def apply_fsdp(model: nn.Module, mesh, dims: ParallelDims, args: DistributedArgs
                 table.unshard()
 
         model.register_forward_pre_hook(gather_value_tables)
+
+
+def reduce_unused_parameters(model: nn.Module) -> None:
+    """Make every FSDP unit reduce-scatter all its trainable parameters after each backward,
+    zeros for those this rank's data left unused. Memory modules use parameters by data: a
+    segment in which no document starts reads no initial slots, a segment with nothing to
+    retrieve leaves the bank's gate unused. FSDP2 otherwise reduces only the parameters that
+    got a gradient, so ranks with different documents issue collectives of different sizes and
+    the run hangs in backward (a 4-process hybrid on input/output pairs did, at step 3)."""
+    if hasattr(model, "set_reduce_scatter_unused_params"):
+        model.set_reduce_scatter_unused_params(True)
+        return
+    logger.warning("this torch's FSDP2 has no set_reduce_scatter_unused_params: a model whose ranks use "
+                   "different parameters (memory slots or bank on uneven documents) can hang in backward; "
+                   "use the pinned torch (requirements.txt)")
 
 
 def value_tables(model: nn.Module) -> list[nn.Module]:

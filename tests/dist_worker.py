@@ -5,7 +5,10 @@ saves per-step losses, full gradients and parameters for tests/test_distributed.
     torchrun --nproc-per-node 2 tests/dist_worker.py OUT.pt distributed.dp_shard=2
     python tests/dist_worker.py OUT.pt
 Extra `key=value` arguments are TrainArgs overrides. `load=CKPT` resumes model and optimizer
-from a checkpoint first and runs two steps.
+from a checkpoint first and runs two steps. `batches=pairs` makes each row a run of
+input/output pairs (BOS = token 1, labels on the outputs only) whose lengths differ by row:
+row 0 one pair longer than the window, the last row many short ones, so the ranks' segments
+hold different numbers of documents.
 """
 
 from __future__ import annotations
@@ -43,9 +46,30 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
+def pair_rows(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """[GLOBAL_BATCH, SEQ + 1] tokens of input/output pairs, each pair BOS + input + output,
+    pairs longer in the first rows than in the last; labels IGNORE_INDEX on BOS and inputs."""
+    tokens = torch.empty(GLOBAL_BATCH, SEQ + 1, dtype=torch.long)
+    scored = torch.zeros(GLOBAL_BATCH, SEQ + 1, dtype=torch.bool)
+    for row in range(GLOBAL_BATCH):
+        longest = max(4, (2 * SEQ) >> (2 * row))  # 64, 16, 4, 4 tokens per pair at most
+        pos = 0
+        while pos < SEQ + 1:
+            n_in, n_out = (int(torch.randint(1, max(2, longest // 2), (1,), generator=gen)) for _ in range(2))
+            pair = torch.cat([torch.tensor([1]), torch.randint(2, VOCAB, (n_in + n_out,), generator=gen)])
+            mask = torch.cat([torch.zeros(1 + n_in, dtype=torch.bool), torch.ones(n_out, dtype=torch.bool)])
+            take = min(pair.numel(), SEQ + 1 - pos)
+            tokens[row, pos : pos + take], scored[row, pos : pos + take] = pair[:take], mask[:take]
+            pos += take
+    labels = tokens[:, 1:].clone()
+    labels[~scored[:, 1:]] = IGNORE_INDEX
+    return tokens, labels
+
+
 def run(out: str, overrides: list[str]) -> None:
     load = [o.split("=", 1)[1] for o in overrides if o.startswith("load=")]
-    overrides = [o for o in overrides if not o.startswith("load=")]
+    pairs = "batches=pairs" in overrides
+    overrides = [o for o in overrides if not o.startswith(("load=", "batches="))]
     args = load_config(TrainArgs, TINY + overrides)
     world = world_info()
     set_cpu_threads(world)
@@ -64,11 +88,14 @@ def run(out: str, overrides: list[str]) -> None:
     result = {"loss": [], "grad_norm": [], "grads": [], "dp_size": dp_size}
     per_rank = GLOBAL_BATCH // dp_size
     for _ in range(steps):
-        tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
-        labels = tokens[:, 1:].clone()
-        # Masked labels, unevenly spread over ranks: the step must still be the mean over all
-        # trained labels, exactly as one process computes it.
-        labels[torch.rand(labels.shape, generator=gen) < torch.linspace(0.0, 0.6, GLOBAL_BATCH)[:, None]] = IGNORE_INDEX
+        if pairs:
+            tokens, labels = pair_rows(gen)
+        else:
+            tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+            labels = tokens[:, 1:].clone()
+            # Masked labels, unevenly spread over ranks: the step must still be the mean over all
+            # trained labels, exactly as one process computes it.
+            labels[torch.rand(labels.shape, generator=gen) < torch.linspace(0.0, 0.6, GLOBAL_BATCH)[:, None]] = IGNORE_INDEX
         rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         step = train_step(model, optimizer, scheduler, [(tokens[rows, :-1], labels[rows])], args.optim.clip, mesh)
         result["loss"].append(float(step.loss))

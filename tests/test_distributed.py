@@ -29,13 +29,13 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
-def run_worker(out: Path, *overrides: str, nproc: int = 1) -> dict:
+def run_worker(out: Path, *overrides: str, nproc: int = 1, timeout: int = 300) -> dict:
     if nproc == 1:
         cmd = [sys.executable, WORKER, str(out), *overrides]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                WORKER, str(out), *overrides]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, failure_report(proc)
     return torch.load(out)
 
@@ -128,6 +128,19 @@ def test_memory_models_on_two_ranks_match_one_process(single_memory, tmp_path, k
     memory = [name for name in got["grads"][0] if ".memory_slots." in name or ".memory_bank." in name]
     assert memory and all(got["grads"][0][name].abs().sum() > 0 for name in memory), memory
     assert_matches(single_memory[kind], got)
+
+
+def test_hybrid_on_four_ranks_with_uneven_pairs_matches_one_process(tmp_path):
+    """One row per rank, from one pair longer than the window to many short ones: ranks whose
+    segments hold different numbers of documents use different memory parameters in a segment
+    (the initial slots, the bank's gate). FSDP2 reduce-scatters only the parameters that got a
+    gradient unless told otherwise, so the ranks' collectives went out of step and the run hung
+    in backward (a 4-process hybrid on input/output pairs, step 3)."""
+    overrides = [*MEMORIES["hybrid"], "batches=pairs"]
+    ref = run_worker(tmp_path / "one.pt", *overrides)
+    got = run_worker(tmp_path / "four.pt", *overrides, "distributed.dp_shard=4", nproc=4, timeout=150)
+    assert got["dp_size"] == 4
+    assert_matches(ref, got)
 
 
 @pytest.mark.parametrize("layout", ["distributed.dp_shard=2", "distributed.tp_size=2"], ids=["fsdp", "tp"])

@@ -78,10 +78,19 @@ def _check_file(name: str, path: Optional[str]) -> str:
         # The folder setup/download_tokenizer.py saves into.
         return os.path.join(path, "tokenizer.model")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"tokenizer '{name}': file not found: {path!r} (from {PATH_KEY})"
-        )
+        raise FileNotFoundError(f"tokenizer '{name}': file not found: {path!r} (from {PATH_KEY}). {how_to_get(name, path)}")
     return path
+
+
+def how_to_get(name: str, path: str) -> str:
+    """How to get the tokenizer file `path` names: setup/download_tokenizer.py's commands."""
+    folder = os.path.dirname(path) if os.path.basename(path) == "tokenizer.model" else path
+    known = os.path.basename(os.path.normpath(folder))
+    kind = "bpe" if name == "tiktoken" else "sp"
+    hub = (f"python setup/download_tokenizer.py {known} {folder} --api_key hf_... (from the hub; gated), or "
+           if known in ("llama2", "llama3", "gemma") else "")
+    return (f"Get one: {hub}train one on your data, no hub needed: python setup/download_tokenizer.py train "
+            f"--kind {kind} --vocab_size 32000 --data <your data dir> {folder}; or use data.tokenizer.name=bytes")
 
 
 def _import_optional(module: str, tokenizer_name: str) -> Any:

@@ -439,13 +439,36 @@ def test_two_rank_loaders_cover_every_document_once(tmp_path, n_chunks):
 MP_LAYOUT = " ".join(["distributed.dp_shard=2", "distributed.memory_parallel_size=2", *PK])
 
 
-@pytest.mark.parametrize("layout", ["distributed.dp_shard=2", "distributed.tp_size=2", MP_LAYOUT],
-                         ids=["fsdp", "tp", "memory_parallel"])
+def uneven_validation_corpus(corpus: Path, root: Path) -> Path:
+    """The corpus's training chunks, and 6 validation documents alternately long and short (the
+    validation reader deals document i to rank i % 2)."""
+    (root / "src").mkdir(parents=True)
+    for chunk in (corpus / "src").glob("*.chunk.*.jsonl"):
+        (root / "src" / chunk.name).write_text(chunk.read_text())
+    docs = [json.loads(line)["text"] for line in open(corpus / "src" / "src.val.jsonl")]
+    with open(root / "src" / "src.val.jsonl", "w") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({"text": doc[: 1500 if i % 2 == 0 else 100 + 40 * i]}) + "\n")
+    return root
+
+
+# A slots model scores each document whole, segment by segment: ranks whose documents differ
+# in length run different numbers of segments, each a round of FSDP collectives (full_shard).
+SEGMENT_LAYOUT = ("distributed.dp_shard=2 distributed.fsdp_type=full_shard model.segment_length=16 "
+                  "model.use_internal_memory=true model.memory_slots=4 model.num_mem_heads=2")
+
+
+@pytest.mark.parametrize("layout", ["distributed.dp_shard=2", "distributed.tp_size=2", MP_LAYOUT, SEGMENT_LAYOUT],
+                         ids=["fsdp", "tp", "memory_parallel", "segments_full_shard"])
 def test_in_loop_validation_under_two_ranks_matches_one_process(corpus, tmp_path, layout):
     """Ranks score different documents (different numbers of forwards: FSDP must not hang) and
     TP peers score the same ones (not counted twice): the result equals one process. With
     memory parallelism the ranks' batches differ in size inside the column-parallel lookup, and
-    the mp=2 checkpoint loads into one process with whole value tables."""
+    the mp=2 checkpoint loads into one process with whole value tables. A segment model's
+    passes must also agree in width (segments), else the ranks' collectives go out of step:
+    its validation documents are long on rank 0 and short on rank 1."""
+    if layout == SEGMENT_LAYOUT:
+        corpus = uneven_validation_corpus(corpus, tmp_path / "uneven")
     def run(dump: Path, extra: list[str], nproc: int) -> dict:
         argv = tiny_overrides(corpus, dump, steps=2, **{"checkpoint.eval.every": 2, "eval.validation.max_steps": 1000,
                                                         "data.load_async": "false", "model.n_heads": 2})

@@ -20,6 +20,8 @@ from typing import Optional
 from lingua.args import ConfigError, choice, load_config
 
 ALIASES = {"task_subset": "task_config"}
+# The reference's default backbone (hmt_src/main.py): a hub id, downloaded into --cache_dir.
+DEFAULT_BACKBONE = "facebook/opt-2.7b"
 
 
 @dataclass
@@ -40,7 +42,8 @@ class HMTCliArgs:
     dilate_len: int = 888
     dilate_str: str = "$"
     # model
-    model_name: str = ""  # an apps/main dump dir, a local HF directory, or a hub id
+    # an apps/main dump dir, a local HF directory, or a hub id; the default is the reference's
+    model_name: str = DEFAULT_BACKBONE
     segment_length: int = 256  # backbone input per segment (text + 2 memory tokens + num_sensory)
     bptt_depth: int = 2
     num_sensory: int = 0
@@ -63,7 +66,7 @@ class HMTCliArgs:
     learning_rate: float = 1e-5
     lr_decay: bool = False  # StepLR(step_size=100, gamma=lr_decay_gamma)
     lr_decay_gamma: float = 0.8
-    fp16: bool = False
+    fp16: bool = False  # trains in bf16 where the GPU has it (no loss scaling needed), else fp32: a warning says which
     bf16: bool = False
     seed: int = 3407
     save_ckpt: Optional[str] = None  # the run's dump dir

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from apps.hmt.args import HMTCliArgs, parse_hmt_args
+from apps.hmt.args import DEFAULT_BACKBONE, HMTCliArgs, parse_hmt_args
 from apps.hmt.data import DocumentBatches, document_windows, load_texts, split_documents
 from apps.hmt.model import HF_LORA_TARGETS, HMT, HFBackbone, HMTArgs, LinguaBackbone, add_lora
 from apps.main.eval import resolve_ckpt_dir
@@ -81,8 +81,8 @@ def resolve_backbone(model_name: str, cache_dir: Optional[str]) -> tuple[str, st
     """("lingua", checkpoint dir) for an apps/main dump dir or checkpoint; ("hf", directory) for
     a Hugging Face model directory or hub id (downloaded into cache_dir by huggingface_hub)."""
     if not model_name:
-        raise ConfigError("--model_name is required (the backbone: an apps/main dump dir or checkpoint, a Hugging "
-                          "Face model directory or hub id)")
+        raise ConfigError("--model_name is empty (the backbone: an apps/main dump dir or checkpoint, a Hugging "
+                          f"Face model directory or hub id; by default {DEFAULT_BACKBONE})")
     path = Path(model_name)
     if (path / "config.json").exists() and not (path / "params.json").exists():
         return "hf", str(path)
@@ -96,8 +96,10 @@ def resolve_backbone(model_name: str, cache_dir: Optional[str]) -> tuple[str, st
     try:  # the real hub code; offline, or a name that is no model, fails here
         return "hf", snapshot_download(model_name, cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds; the user needs the name
-        raise ConfigError(f"--model_name {model_name}: not a local checkpoint or model directory, and the hub "
-                          f"gave {type(e).__name__}: {e}") from None
+        raise ConfigError(f"--model_name {model_name}{' (the default)' if model_name == DEFAULT_BACKBONE else ''}: "
+                          "not a local checkpoint or model directory, and the hub gave "
+                          f"{type(e).__name__}: {e}. Offline, give a local backbone: --model_name DIR (an apps/main "
+                          "dump dir, or a Hugging Face model directory)") from None
 
 
 def hf_model_keys(config: dict) -> dict:
@@ -106,6 +108,27 @@ def hf_model_keys(config: dict) -> dict:
     return {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
             "n_heads": config["num_attention_heads"], "vocab_size": config["vocab_size"],
             "max_seqlen": config.get("max_position_embeddings") or 2048}
+
+
+def precision_of_flags(cli: HMTCliArgs, cuda: Optional[bool] = None, cuda_bf16: Optional[bool] = None) -> str:
+    """distributed.model_dtype for --fp16 / --bf16. The shared loop has no loss scaling, which
+    fp16 needs, so --fp16 trains in bf16 where the GPU has it (the same speed, fp32's range),
+    and in fp32 elsewhere (a CPU trains in fp32 whatever the flags); a warning says which."""
+    if not (cli.fp16 or cli.bf16):
+        return "fp32"
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cuda_bf16 is None:
+        cuda_bf16 = cuda and torch.cuda.is_bf16_supported()
+    if cli.bf16:
+        return "bf16"
+    if cuda_bf16:
+        logger.warning("--fp16: training in bf16 instead (this GPU has it; fp16 would need loss scaling, bf16 "
+                       "does not). Give --bf16 to say so")
+        return "bf16"
+    logger.warning("--fp16: training in fp32 (%s; fp16 would need loss scaling, which this trainer does not do)",
+                   "this GPU has no bf16" if cuda else "a CPU trains in fp32")
+    return "fp32"
 
 
 def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
@@ -156,7 +179,7 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
     if cli.use_lora:  # the backbone's own weights stay as they are; its adapters and HMT's parameters train
         args.optim.base_model_lr, args.optim.lora_lr, args.optim.memory_lr = 0.0, cli.learning_rate, cli.learning_rate
     args.optim.step_size, args.optim.step_gamma = 100, cli.lr_decay_gamma
-    args.distributed.model_dtype = "fp16" if cli.fp16 else "bf16" if cli.bf16 else "fp32"
+    args.distributed.model_dtype = precision_of_flags(cli)
     args.distributed.dp_shard = -1  # torchrun / srun: FSDP over every process
     args.checkpoint.dump.every = args.checkpoint.eval.every = max(1, steps)
     args.logging.freq = max(1, min(50, steps // 10 or 1))

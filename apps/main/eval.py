@@ -150,8 +150,9 @@ def validate_file(
     framed with bos/eos as the model was trained (data.add_bos / add_eos): a model trained
     without eos is not scored on eos predictions it never learned.
 
-    In a distributed run every rank runs the same number of forward passes (padding with a
-    dummy batch), because a sharded model's forward is a collective."""
+    In a distributed run every rank runs the same forward passes in number and width
+    (agreed_widths; a dummy batch where a rank has run out), because a sharded model's forward
+    is a collective."""
     pieces: list[tuple[np.ndarray, np.ndarray]] = []
     n_bytes, n_docs = 0, 0
     for doc_idx, segments in enumerate(read_documents(path, text_field=text_field, separator=separator)):
@@ -170,19 +171,15 @@ def validate_file(
         n_bytes += sum(len(text.encode("utf-8")) for text, trained in segments if trained)
         n_docs += 1
     batches = [pieces[i : i + batch_size] for i in range(0, len(pieces), batch_size)]
-    n_forward = len(batches)
-    if dist.is_available() and dist.is_initialized():
-        count = torch.tensor(n_forward, device=collective_device())
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        n_forward = int(count)
+    widths = agreed_widths([max(len(x) for x, _ in batch) for batch in batches])
 
     nll, n_tokens = 0.0, 0
-    for i in range(n_forward):
+    for i, width in enumerate(widths):
         if i >= len(batches):
-            model(torch.zeros(1, 1, dtype=torch.long, device=device))  # keep collectives in step
+            model(torch.zeros(1, width, dtype=torch.long, device=device))  # keep collectives in step
             continue
         batch = batches[i]
-        width = max(len(x) for x, _ in batch)
+        # Padded at the end (unscored, after every scored token, so it changes no score).
         x = torch.zeros(len(batch), width, dtype=torch.long)
         y = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         for j, (xj, yj) in enumerate(batch):
@@ -195,6 +192,21 @@ def validate_file(
         nll += loss.item()
         n_tokens += int((y != IGNORE_INDEX).sum())
     return {"nll": nll, "tokens": n_tokens, "bytes": n_bytes, "docs": n_docs}
+
+
+def agreed_widths(widths: list[int]) -> list[int]:
+    """The width of each forward pass, the same on every rank: as many passes as the rank with
+    the most batches, each as wide as that pass's widest batch on any rank. A sharded model's
+    forward is a collective, and a segment model's runs once per segment, so ranks must agree on
+    both (a 4-rank hybrid hung in validation when documents were longer on one rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return widths
+    count = torch.tensor(len(widths), device=collective_device())
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    padded = torch.ones(int(count), dtype=torch.long, device=collective_device())
+    padded[: len(widths)] = torch.tensor(widths, dtype=torch.long)
+    dist.all_reduce(padded, op=dist.ReduceOp.MAX)
+    return padded.tolist()
 
 
 def run_validation(

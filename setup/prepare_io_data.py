@@ -34,10 +34,18 @@ class PrepError(ValueError):
     """Bad input, named by file and line."""
 
 
+def newline_lines(text: str) -> list[str]:
+    """The lines of `text`, split at newlines only. str.splitlines() also splits at U+2028,
+    U+0085, form feeds and \\x1c-\\x1e, which can sit inside one line of text and would pair
+    line i of one file with another line of the other."""
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def read_texts(path: Path, field: str) -> list[str]:
     """The text of every line of `path`: a JSONL file's `field`, or the plain line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = newline_lines(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PrepError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:

@@ -74,3 +74,19 @@ def test_hybrid_trains_on_outputs_and_eval_scores_the_test_pairs(io_pairs, tmp_p
     again = evaluate_pairs(model, tokenizer, PairsArgs(path=f"{io_pairs}/io_pairs/test", max_gen_len=8),
                            args.data, "cpu")
     assert again["loss"] == pytest.approx(logged["pairs/loss"], rel=1e-6)
+
+
+def test_rouge_l_scores_every_script():
+    """rouge-score's default tokenizer drops all but [a-z0-9]: exact match 1 scored ROUGE-L 0."""
+    assert rouge_l("東京は日本の首都です", "東京は日本の首都です") == 1.0
+    assert rouge_l("Привет, мир", "привет мир") == 1.0
+    assert 0.0 < rouge_l("東京は日本の首都です", "京都は日本の古都です") < 1.0
+    assert 0.0 < rouge_l("Москва столица России", "Москва большой город") < 1.0
+    assert rouge_l("the cat sat", "the cat") == pytest.approx(0.8)
+
+
+def test_read_pairs_splits_records_at_newlines_only(tmp_path):
+    records = [{"input": "a\u2028b ", "output": "c\x85d"}, {"input": "e\x0c", "output": "f"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                      encoding="utf-8")
+    assert read_pairs(str(tmp_path / "p.jsonl")) == records

@@ -97,3 +97,19 @@ def test_an_existing_save_dir_is_never_overwritten(tmp_path):
     out = run("--input_file", fi, "--output_file", fo, "--save_dir", save)
     assert out.returncode == 2 and "already holds files" in out.stderr
     assert [p.name for p in save.iterdir()] == ["mine.txt"] and (save / "mine.txt").read_text() == "keep me"
+
+
+def test_lines_split_at_newlines_only(tmp_path):
+    """U+2028, U+0085, form feeds and \\x1c-\\x1e inside a line are part of it (str.splitlines()
+    split there: two 3-line files became '4 pairs', the wrong ones)."""
+    ins = ["first\u2028still the first ", "second\x0c ", "third\x1c\x1d\x1e\x85 "]
+    outs = ["one\u2029", "two", "three"]
+    fi, fo = tmp_path / "in.txt", tmp_path / "out.txt"
+    fi.write_text("\n".join(ins) + "\n", encoding="utf-8")
+    fo.write_text("\n".join(outs) + "\n", encoding="utf-8")
+    save = tmp_path / "io"
+    out = run("--input_file", fi, "--output_file", fo, "--save_dir", save, "--test_fraction", 0, "--val_fraction", 0)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("3 pairs")
+    records = _records(save / "io.chunk.00.jsonl")
+    assert sorted((r["input"], r["output"]) for r in records) == sorted(zip(ins, outs))

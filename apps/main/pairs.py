@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,7 +41,8 @@ def read_pairs(path: str, max_pairs: Optional[int] = None) -> list[dict]:
         raise ConfigError(f"pairs.path='{path}': no .jsonl files (prepare them with setup/prepare_io_data.py)")
     pairs = []
     for f in files:
-        for number, line in enumerate(f.read_text().splitlines(), start=1):
+        # newlines only: splitlines() also splits at U+2028, U+0085, \x0c, \x1c-\x1e inside a record
+        for number, line in enumerate(f.read_text().split("\n"), start=1):
             if not line.strip():
                 continue
             record = json.loads(line)
@@ -55,7 +57,23 @@ def read_pairs(path: str, max_pairs: Optional[int] = None) -> list[dict]:
 def _rouge_l_scorer():
     from rouge_score import rouge_scorer  # the rouge-score package (requirements.txt)
 
-    return rouge_scorer.RougeScorer(["rougeL"])  # stateless; built once (it logs on construction)
+    # rouge-score's default tokenizer keeps only [a-z0-9]: Japanese or Cyrillic text would score 0.
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeWords())  # built once (it logs on construction)
+
+
+class UnicodeWords:
+    """ROUGE's tokens in any script: lowercased runs of letters and digits, each character of a
+    script written without spaces (CJK, kana, Thai, ...) a token of its own."""
+
+    WORD = re.compile(r"[^\W_]+")
+    UNSPACED = re.compile(r"([\u0e00-\u0eff\u1000-\u109f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+                          r"\uf900-\ufaff\uff66-\uff9f])")
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = []
+        for word in self.WORD.findall(text.lower()):
+            tokens += [t for t in self.UNSPACED.split(word) if t]
+        return tokens
 
 
 def rouge_l(reference: str, prediction: str) -> float:

@@ -165,6 +165,10 @@ def test_training_with_slots_resumes_exactly(corpus, tmp_path, monkeypatch):
     ({"distributed.tp_size": 2}, "does not run under tensor parallelism yet"),
     ({"model.segment_length": 0}, "model.use_internal_memory needs model.segment_length > 0"),
     ({"model.memory_layers": "[7]"}, "model.memory_layers [7] are not blocks"),
+    # detached before the next segment's read: the write path would never get a gradient
+    ({"model.bptt_depth": 1}, "model.bptt_depth=1 detaches the memory after every segment"),
+    # segment attention stays within the segment: the window would be ignored silently
+    ({"model.sliding_window": 4}, "model.sliding_window=4 is not applied by a segment model"),
 ])
 def test_bad_memory_settings_fail_before_work(corpus, tmp_path, override, message):
     from apps.main.train import TrainArgs, train

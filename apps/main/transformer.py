@@ -46,7 +46,7 @@ class LMTransformerArgs(BaseTransformerArgs):
     # Recurrent memory (not in Meta Lingua; names as the LM2/LongMem hybrid trainer's):
     bos_id: int = -1  # documents start at BOS; -1: the tokenizer's (train.py fills it)
     segment_length: int = 0  # 0: the whole window at once; > 0: segments of this many tokens
-    bptt_depth: int = 0  # gradients flow through at most this many segments of state; 0: all
+    bptt_depth: int = 0  # gradients flow through at most this many segments of state; 0: all; 1 refused with memory
     use_internal_memory: bool = False  # LM2 memory slots
     memory_slots: int = 16  # N slots per memory block
     num_mem_heads: int = 4
@@ -79,6 +79,18 @@ class LMTransformerArgs(BaseTransformerArgs):
             if not 0 <= self.bank_layer() < self.n_layers:
                 raise ValueError(f"model.retrieval_layer_index={self.retrieval_layer_index} is not a block of a "
                                  f"{self.n_layers}-block model")
+        trained_writes = self.use_internal_memory or (self.use_external_memory and self.external_memory_grad)
+        if self.bptt_depth == 1 and trained_writes:
+            # The state is detached at the end of every bptt_depth segments, before the next
+            # segment reads it: with 1 the write path (LM2's write_*, gates; the bank's cached
+            # keys) would never get a gradient, silently.
+            raise ValueError("model.bptt_depth=1 detaches the memory after every segment, so its write path never "
+                             "gets a gradient: use model.bptt_depth >= 2 (segments of state the gradient flows "
+                             "through) or 0 (the whole window)")
+        if self.segment_length > 0 and self.sliding_window is not None:
+            raise ValueError(f"model.sliding_window={self.sliding_window} is not applied by a segment model "
+                             f"(model.segment_length={self.segment_length}: attention stays within each segment); "
+                             "set one of them")
         if bos_known and self.segment_length > 0 and self.bos_id < 0:
             raise ValueError("model.bos_id must be set with model.segment_length > 0 (documents start at BOS; "
                              "train.py takes the tokenizer's)")

@@ -259,3 +259,38 @@ def test_two_ranks_give_one_process_terms_and_gradients(single, tmp_path, layout
     assert single["aux_grads"]["layers.1.feed_forward.query_proj.weight"].abs().max() > 1e-3
     # All coefficients 0: no terms, and not one collective (a rank would otherwise wait for it).
     assert got["off_terms"] == {} and got["off_collectives"] == 0
+
+
+def test_a_segment_model_s_terms_cover_every_segment() -> None:
+    """With model.segment_length each memory layer runs once per segment: the terms are over
+    all of the window's tokens (the last segment's alone before: 14 of 62 tokens)."""
+    args = model_args(**COEFS)
+    args.segment_length, args.bos_id = 4, 1
+    model = build_model(args)
+    model.train()
+    seen: dict[int, list] = {}
+    for m in memories(model):
+        search = m._search
+
+        def recording(x, search=search, m=m):
+            out = search(x)
+            seen.setdefault(id(m), []).append((out[2].detach(), out[3]))
+            return out
+        m._search = recording
+    x = tokens(seq=16)
+    model(x, target=x)
+    got = auxiliary_losses(model)
+    expected: dict[str, torch.Tensor] = {}
+    for m in memories(model):
+        sub = torch.cat([s for s, _ in seen[id(m)]])
+        idx = torch.cat([i for _, i in seen[id(m)]])
+        assert len(seen[id(m)]) == 4 and sub.shape[0] == x.numel()
+        for name, value in aux_terms(subkey_stats(sub, idx, m.args), m.args, m.knn).items():
+            expected[name] = expected.get(name, 0) + value
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert torch.allclose(got[name], expected[name], rtol=1e-5, atol=1e-7), name
+    model(x, target=x)  # a call whose terms nobody takes: the next call's terms are its own
+    model(x, target=x)
+    again = auxiliary_losses(model)
+    assert all(torch.allclose(again[n], got[n], rtol=1e-5) for n in got)

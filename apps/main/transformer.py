@@ -24,7 +24,7 @@ from torch import nn
 from lingua.data import IGNORE_INDEX
 from lingua.memory_bank import MemoryBank
 from lingua.memory_slots import MemorySlots
-from lingua.product_key.memory import ProductKeyArgs, ProductKeyMemory, ValueTable, value_overrides
+from lingua.product_key.memory import ProductKeyArgs, ProductKeyMemory, ValueTable, clear_auxiliary_stats, value_overrides
 from lingua.segments import MemoryState, SegmentContext, document_ids, split_segments
 from lingua.transformer import (
     BaseTransformer,
@@ -155,6 +155,8 @@ class LMTransformer(BaseTransformer):
         start: int = 0,
         reduction: str = "mean",
     ) -> torch.Tensor:
+        if self.training and self.args.productkey_args.is_enabled:
+            clear_auxiliary_stats(self)
         if self.args.segment_length > 0:
             if kv_caches is not None:
                 raise ValueError("a segment model (model.segment_length > 0) decodes with new_segment_decoder(), "

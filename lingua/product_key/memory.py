@@ -204,8 +204,9 @@ class ProductKeyMemory(nn.Module):
         # Row-hit counts since the last usage_stats() call; a buffer so it follows the device,
         # not persistent so checkpoints do not carry it.
         self.register_buffer("row_hits", torch.zeros(self.n_keys**2), persistent=False)
-        # The last training forward's sub-key sums for the auxiliary losses (subkey_stats), until
-        # auxiliary_losses takes them; None when those losses are off. Not state: never saved.
+        # The sub-key sums of the last training model call's forwards of this layer (one per
+        # segment) for the auxiliary losses (subkey_stats), until auxiliary_losses takes them;
+        # None when those losses are off. Not state: never saved.
         self.aux_stats: Optional[dict[str, torch.Tensor]] = None
 
     def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +239,10 @@ class ProductKeyMemory(nn.Module):
                 # tensors saved), but keeps nothing: the loss already holds the first forward's
                 # sums, and a copy kept here would pin the recomputed graph until the next step.
                 if not _in_backward():
-                    self.aux_stats = stats
+                    # Summed over the forwards of one model call: a segment model runs each
+                    # layer once per segment, and the terms cover the whole window.
+                    self.aux_stats = stats if self.aux_stats is None else \
+                        {k: self.aux_stats[k] + v for k, v in stats.items()}
         rows, weights = rows.flatten(1), weights.flatten(1)
         table, down_table = self.values.weight, self.values.down
         if self.args.peer_variant:
@@ -362,6 +366,14 @@ def aux_terms(stats: dict[str, torch.Tensor], args: ProductKeyArgs, knn: int) ->
     if args.z_loss_coef > 0:
         out["pk_z_loss"] = args.z_loss_coef * (stats["lse_sq"] / tokens).mean()
     return out
+
+
+def clear_auxiliary_stats(model: nn.Module) -> None:
+    """Drop sums a training forward left untaken (no auxiliary_losses call after it), so a model
+    call's terms cover that call's forwards only; called as each model call starts."""
+    for m in model.modules():
+        if isinstance(m, ProductKeyMemory):
+            m.aux_stats = None
 
 
 def data_parallel_meshes(mesh) -> list:

@@ -271,6 +271,25 @@ class CheckpointManager:
                     info.get("value", float("nan")))
         return best
 
+    def reconcile_best(self, best_step: Optional[int], info: dict) -> None:
+        """Collective. Make `checkpoints/best` the checkpoint of `best_step`, the resumed run's
+        best (its cadence state). A crash between a step's save (which already records the new
+        best) and save_best left best at the old one; later evaluations that did not beat the
+        recorded best never copied it. Nothing to do when best already holds that step."""
+        if best_step is None:
+            return
+        held = self.path / BEST / BEST_INFO
+        if held.exists() and json.loads(held.read_text()).get("step") == best_step:
+            return
+        step_ckpt = next((c for c in self.existing() if c.name == f"{best_step:010d}"), None)
+        if step_ckpt is None:
+            logger.warning("checkpoints/best does not hold the run's best step %d, and that step's checkpoint is "
+                           "gone (keep / total_limit): best stays as it is until a better evaluation", best_step)
+            return
+        logger.warning("checkpoints/best did not hold the run's best step %d (an interrupted save_best): "
+                       "copying it now", best_step)
+        self.save_best(step_ckpt, {**info, "step": best_step, "checkpoint": step_ckpt.name})
+
     def clean_up(self) -> None:
         """Keep the newest `keep` of each cadence in use (dump; eval when an eval is configured)
         and always the newest save; then at most `total_limit` of those, the newest. Nothing is

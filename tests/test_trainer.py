@@ -82,6 +82,39 @@ def test_best_checkpoint_is_the_validation_minimum_and_survives_keep_n_and_resum
     load_model_and_optim(best, model)
 
 
+def test_a_crash_between_the_step_save_and_save_best_is_mended_on_resume(corpus, tmp_path, monkeypatch):
+    """The step checkpoint records the new best (its cadence state) before save_best copies it:
+    a crash in between left checkpoints/best at the older step for good, and the final message
+    named a step best did not hold. The resumed run copies the recorded best first."""
+    from lingua.checkpoint import CheckpointManager
+
+    run = tmp_path / "run"
+    keep = {"checkpoint.eval.every": 2, "checkpoint.dump.every": 2, "checkpoint.save_best": "true",
+            "optim.lr": 3e-3}
+    real = CheckpointManager.save_best
+    crashed = []
+
+    def crash_at_step_4(self, step_ckpt, info):
+        if info["step"] == 4:
+            crashed.append(4)
+            raise RuntimeError("killed between the step save and save_best")
+        return real(self, step_ckpt, info)
+
+    monkeypatch.setattr(CheckpointManager, "save_best", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(_args(corpus, run, steps=6, **keep))
+    assert crashed, "step 4 was no new best: the test would check nothing"
+    assert json.loads((run / "checkpoints/best/best.json").read_text())["step"] == 2
+    monkeypatch.setattr(CheckpointManager, "save_best", real)
+    # No evaluation after the resume, so none can copy a better best over the stale one.
+    train(_args(corpus, run, steps=6, **{**keep, "checkpoint.eval.every": 1000}))
+    losses = _validation(run)
+    assert sorted(losses) == [2, 4]
+    info = json.loads((run / "checkpoints/best/best.json").read_text())
+    assert info["step"] == min(losses, key=losses.get)
+    assert json.loads((run / "checkpoints/best/train_state_00000.json").read_text())["step"] == info["step"]
+
+
 def _mount_tmpfs(path: Path, size_bytes: int) -> None:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root")

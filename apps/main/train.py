@@ -500,6 +500,8 @@ def train(args: TrainArgs, build_model_fn: Callable = build_model, build_loader_
                 load_model_weights(args.checkpoint.init_ckpt_path, model)
             logger.info("initialised from %s", args.checkpoint.init_ckpt_path)
         cadence = Cadence(CadenceArgs.from_train_args(args, validates=eval_args is not None), state.cadence)
+        if args.checkpoint.save_best:
+            ckpt.reconcile_best(cadence.best_step, {"metric": args.early_stopping.metric, "value": cadence.best})
         if state.step >= args.steps or cadence.stop_reason():
             why = cadence.stop_reason() or f"already at step {state.step} >= steps={args.steps}"
             logger.info("%s: nothing to do (checkpoints in %s)", why, ckpt.path)

@@ -68,6 +68,24 @@ def test_train_then_inference_commands(tmp_path, dataset, backbone, capsys):
     assert again["test"]["ppl"] == pytest.approx(results["test"]["ppl"], rel=1e-5)  # the same model and args
 
 
+def test_inference_takes_how_the_model_reads_from_the_checkpoint(tmp_path, dataset, backbone, capsys):
+    """The users' inference command gives neither --num_sensory nor --sum_fraction: the model
+    trained with 2 sensory tokens and sum_fraction 0.25 is evaluated as trained (it read 0 and
+    0.5 from the defaults before); a flag that contradicts the checkpoint is refused."""
+    ckpt = tmp_path / "ckpt"
+    trained = main(flags(dataset, backbone, "--training_step", "2", "--sum_fraction", "0.25", "--mem_prune",
+                         "attention", "--save_ckpt", str(ckpt)))
+    inference = ["--task_name", "json", "--data_dir", str(dataset), "--model_name", str(backbone),
+                 "--batch_size", "2", "--test_step", "1", "--load_from_ckpt", str(ckpt), "--inference_only"]
+    again = main(inference)
+    assert again["test"]["ppl"] == pytest.approx(trained["test"]["ppl"], rel=1e-5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*inference, "--num_sensory", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--num_sensory gives num_sensory 0" in err and "trained with 2" in err
+
+
 def test_hmt_resumes_exactly(tmp_path, dataset, backbone, monkeypatch):
     def args_for(dump):
         def make():

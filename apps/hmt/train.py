@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from apps.hmt.args import DEFAULT_BACKBONE, HMTCliArgs, parse_hmt_args
+from apps.hmt.args import DEFAULT_BACKBONE, HMTCliArgs, flags_to_dotlist, parse_hmt_args
 from apps.hmt.data import DocumentBatches, document_windows, load_texts, split_documents
 from apps.hmt.model import HF_LORA_TARGETS, HMT, HFBackbone, HMTArgs, LinguaBackbone, add_lora
 from apps.main.eval import resolve_ckpt_dir
@@ -131,6 +131,11 @@ def precision_of_flags(cli: HMTCliArgs, cuda: Optional[bool] = None, cuda_bf16: 
     return "fp32"
 
 
+def window_length(hmt: HMTArgs) -> int:
+    """Tokens of a training window: bptt_depth segments of text (2 without truncation), as the reference."""
+    return max(hmt.bptt_depth, 1 if hmt.bptt_depth else 2) * hmt.content_length
+
+
 def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
     """The HMT flags as a training config (the backbone's model and tokenizer keys)."""
     kind, ckpt = resolve_backbone(cli.model_name, cli.cache_dir)
@@ -171,8 +176,7 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
                          cli.streaming, cli.interleave_dataset, cli.interleave_len, cli.dilate_dataset, cli.dilate_len,
                          cli.dilate_str),
     )
-    # A training window: bptt_depth segments of text (2 without truncation), as the reference.
-    args.data.seq_len = max(cli.bptt_depth, 1 if cli.bptt_depth else 2) * hmt.content_length
+    args.data.seq_len = window_length(hmt)
     args.data.batch_size, args.data.tokenizer, args.data.load_async = cli.batch_size, tokenizer, False
     args.optim.lr, args.optim.warmup, args.optim.weight_decay = cli.learning_rate, 0, 0.01
     args.optim.scheduler = "step" if cli.lr_decay else "constant"
@@ -223,20 +227,45 @@ def hmt_loader(split: str = "train"):
     return build
 
 
-STRUCTURE = ("mode", "mem_recall_hidden_dim", "use_lora", "lora_r", "lora_alpha", "lora_dropout")
+# What a trained HMT is made of: its parameters' shapes (mode, recall width, LoRA) and how it
+# reads a document (segment size, sensory tokens, summary share, recall cache and its pruning).
+STRUCTURE = ("mode", "mem_recall_hidden_dim", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "segment_length",
+             "num_sensory", "sum_fraction", "mem_recall_context", "mem_prune")
+MODE_FLAGS = ("rmt_only", "baseline_only", "hmt_stage_1", "hmt_stage_2")
 
 
-def with_trained_structure(hmt: HMTArgs, ckpt) -> HMTArgs:
-    """The command line's HMT settings with the parameter-shaping ones of the checkpoint (the
-    users' inference command does not repeat --use_lora or the stage flags)."""
+def with_trained_structure(cli: HMTCliArgs, ckpt, given: frozenset[str] = frozenset()) -> HMTCliArgs:
+    """The command line with the checkpoint's STRUCTURE where the command does not say it: the
+    users' inference command need not repeat it. A flag in `given` (said on the command line)
+    that differs from the checkpoint is a ConfigError naming it: evaluating num_sensory 0 on a
+    model trained with 32 would report a model that was never trained."""
     if not (ckpt / "params.json").exists():
-        return hmt
+        return cli
     trained = load_params(ckpt / "params.json", HMTArgs, "hmt")
     for key in STRUCTURE:
-        if getattr(hmt, key) != getattr(trained, key):
-            logger.info("%s=%s from the checkpoint (the command line says %s)", key, getattr(trained, key),
-                        getattr(hmt, key))
-            setattr(hmt, key, getattr(trained, key))
+        ours, theirs = getattr(cli, key, None), getattr(trained, key)
+        if not hasattr(cli, key) and key != "mode":
+            continue  # lora_r / alpha / dropout: no flags; to_train_args' defaults, then trained_lora
+        if ours == theirs:
+            continue
+        said = [f for f in MODE_FLAGS if f in given] if key == "mode" else [key] if key in given else []
+        if said:
+            raise ConfigError(f"--{said[0]} gives {key} {ours}, but {ckpt} was trained with {theirs}: drop the flag "
+                              "(the checkpoint's is used) or evaluate another checkpoint")
+        logger.info("%s=%s from the checkpoint (the default is %s)", key, theirs, ours)
+        if key == "mode":
+            for flag, mode in zip(MODE_FLAGS, ("rmt", "baseline", "stage1", "hmt")):
+                setattr(cli, flag, mode == theirs and flag != "hmt_stage_2")
+        else:
+            setattr(cli, key, theirs)
+    return cli
+
+
+def trained_lora(hmt: HMTArgs, ckpt) -> HMTArgs:
+    """LoRA's rank, alpha and dropout as trained (they have no flags)."""
+    if (ckpt / "params.json").exists():
+        trained = load_params(ckpt / "params.json", HMTArgs, "hmt")
+        hmt.lora_r, hmt.lora_alpha, hmt.lora_dropout = trained.lora_r, trained.lora_alpha, trained.lora_dropout
     return hmt
 
 
@@ -245,7 +274,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from lingua.logger import init_logger
 
     try:
-        cli = parse_hmt_args(list(sys.argv[1:] if argv is None else argv))
+        argv = list(sys.argv[1:] if argv is None else argv)
+        cli = parse_hmt_args(argv)
+        if cli.inference_only:
+            ckpt = resolve_ckpt_dir(cli.load_from_ckpt)
+            cli = with_trained_structure(cli, ckpt, frozenset(kv.partition("=")[0] for kv in flags_to_dotlist(argv)))
         args = to_train_args(cli)
         if cli.generate and not Path(cli.generate).is_file():
             raise ConfigError(f"--generate {cli.generate}: no such prompt file")
@@ -256,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if cli.inference_only:
             init_logger(0)
             ckpt = resolve_ckpt_dir(cli.load_from_ckpt)
-            args.hmt = with_trained_structure(args.hmt, ckpt)
+            args.hmt = trained_lora(args.hmt, ckpt)
         else:
             train(args, build_model_fn=lambda _, device: build_hmt(args, device), build_loader_fn=hmt_loader(),
                   tokenizer_fn=model_tokenizer)

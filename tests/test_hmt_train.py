@@ -278,3 +278,18 @@ def test_torchrun_trains_hmt_with_fsdp_on_two_ranks_and_evaluates_once(tmp_path,
     assert sorted(read_losses(ckpt)) == [1, 2]
     rows = [json.loads(line) for line in open(ckpt / "metrics.eval.jsonl")]
     assert len(rows) == 1 and math.isfinite(rows[0]["test"]["ppl"])
+
+
+def test_dynamic_segments_under_torchrun_are_the_same_on_every_rank(tmp_path, dataset, backbone):
+    """--dynamic draws each window's segment lengths; drawn from each rank's own tokens, the
+    ranks read different numbers of segments and FSDP's collectives went out of step (a hang
+    after step 1). The seed is the window's tokens summed over the ranks."""
+    from tests.conftest import failure_report, run_module
+
+    ckpt = tmp_path / "ckpt"
+    proc = run_module("torch.distributed.run", ["--nproc-per-node", "2", "-m", "apps.hmt.train",
+                                                *flags(dataset, backbone, "--training_step", "3", "--dynamic",
+                                                       "--segment_length", "12", "--save_ckpt", str(ckpt))],
+                      timeout=150, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, failure_report(proc)
+    assert sorted(read_losses(ckpt)) == [1, 2, 3]

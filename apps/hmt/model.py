@@ -33,11 +33,13 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from lingua.args import choice
 from lingua.data import IGNORE_INDEX
+from lingua.distributed import collective_device
 from lingua.transformer import ParamInit
 
 MODES = ("hmt", "stage1", "rmt", "baseline")
@@ -282,6 +284,16 @@ class HMTState:
                        previous=detach(self.previous))
 
 
+def shared_seed(local: torch.Tensor) -> int:
+    """`local` summed over every process (HMT trains data-parallel over all of them): one seed
+    for all ranks, the one a single process on the whole global batch draws. A collective."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = local.to(collective_device(), torch.long)
+        dist.all_reduce(total)
+        return int(total)
+    return int(local)
+
+
 class HMT(nn.Module):
     # HMT's own parameters are the `memory` component (optim.memory_lr; they train whatever the
     # backbone does); the backbone adapters declare theirs `base` (lingua.optim).
@@ -390,11 +402,13 @@ class HMT(nn.Module):
     def segment_bounds(self, tokens: torch.Tensor) -> list[tuple[int, int]]:
         """(start, end) of each segment of the window: content_length tokens, or with `dynamic`
         in training between half that and that, drawn from the window's own tokens (the same
-        window reads the same way again, so a resumed run repeats it exactly)."""
+        window reads the same way again, so a resumed run repeats it exactly) summed over the
+        data-parallel ranks: every rank reads the same segments (FSDP's collectives run per
+        segment: ranks drawing from their own tokens read [6,6,7] vs [6,5,6] and hung)."""
         L, S = self.args.content_length, tokens.shape[1]
         if not (self.args.dynamic and self.training):
             return [(start, min(start + L, S)) for start in range(0, S, L)]
-        generator = torch.Generator().manual_seed(int(tokens[:, :64].sum()))
+        generator = torch.Generator().manual_seed(shared_seed(tokens[:, :64].sum()))
         bounds, start = [], 0
         while start < S:
             n = int(torch.randint(max(1, L // 2), L + 1, (1,), generator=generator))

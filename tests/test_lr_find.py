@@ -234,3 +234,27 @@ if __name__ == "__main__":  # the torchrun worker of the test above
     result = lr_find(load_config(TrainArgs, train_argv), find)
     Path(f"{sys.argv[1]}.rank{os.environ['RANK']}.json").write_text(json.dumps(result))
     shutdown_distributed()
+
+
+def test_explicit_component_lrs_sweep_and_suggest_the_group_that_trains(corpus, tmp_path, capsys, one_thread):
+    """base_model_lr=0, memory_lr=1e-3: only the memory trains. The axis is the memory group's
+    lr (it was optim.lr's, a group that does not exist) and `next:` sets optim.memory_lr (it
+    changed optim.lr alone, which trains nothing here)."""
+    dump = tmp_path / "memory"
+    slots = {"model.segment_length": 8, "model.use_internal_memory": "true", "model.memory_slots": 4,
+             "model.num_mem_heads": 2, "model.bptt_depth": 2, "optim.base_model_lr": 0.0, "optim.memory_lr": 1e-3}
+    main(tiny_overrides(corpus, dump, **FAST, **slots, steps=8) + ["lr_min=1e-4", "lr_max=0.1"])
+    saved = json.loads((dump / "lr_find/lr_find.json").read_text())
+    assert saved["lr_key"] == "optim.memory_lr" and saved["config_lr"] == 1e-3
+    assert saved["lr"][0] == pytest.approx(1e-4) and saved["lr"][-1] == pytest.approx(0.1)  # the memory's own lr
+    factor = saved["suggested_lr"] / 1e-3
+    assert saved["suggested"]["optim.memory_lr"] == pytest.approx(saved["suggested_lr"])
+    assert "optim.base_model_lr" not in saved["suggested"]  # frozen stays frozen
+    nxt = capsys.readouterr().out.split("next:")[1]
+    assert f"optim.memory_lr={saved['suggested_lr']:.3g}" in nxt and "optim.base_model_lr=0.0" in nxt
+    assert nxt.count("optim.memory_lr=") == 1
+    from apps.main.train import TrainArgs
+    from lingua.args import load_config
+
+    config_lr = load_config(TrainArgs, tiny_overrides(corpus, dump, **slots)).optim.lr
+    assert saved["suggested"]["optim.lr"] == pytest.approx(config_lr * factor)  # ratios as tested

@@ -1,6 +1,7 @@
 """Learning-rate range test (Smith 2015, "Cyclical Learning Rates"; the fastai / Lightning lr
 finder): a throwaway copy of the configured model trains with an lr rising exponentially from
-lr_min to lr_max, and the smoothed loss curve gives a suggested `optim.lr`.
+lr_min to lr_max, and the smoothed loss curve gives a suggested `optim.lr` (or the lr of the
+component that trains: `optim.memory_lr` with a frozen base, say; see swept_group).
 
     python -m apps.main.lr_find config=apps/main/configs/debug.yaml [lr_min=1e-6 lr_max=1 steps=100]
 
@@ -92,6 +93,32 @@ def exponential_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, lrs:
     memory table's own lr, say) gets the same factor, so the per-group ratios stay as configured.
     LambdaLR scales each group's `initial_lr`, which the scheduler it replaces left untouched."""
     return LambdaLR(optimizer, lambda i: lrs[min(i, len(lrs) - 1)] / base_lr)
+
+
+COMPONENT_LR_KEYS = {"base": "base_model_lr", "memory": "memory_lr", "lora": "lora_lr"}
+
+
+def swept_group(optimizer: torch.optim.Optimizer, optim) -> tuple[dict, str]:
+    """The param group whose lr is the test's axis, and the key that sets it: the base model's
+    when it trains, else the memory's, else LoRA's (a component's own key when given, else
+    optim.lr). With base_model_lr=0 and memory_lr=1e-3 the axis is memory_lr: optim.lr's groups
+    do not exist."""
+    by_label = {g.get("label"): g for g in reversed(optimizer.param_groups)}
+    for component, key in COMPONENT_LR_KEYS.items():
+        if component in by_label:
+            return by_label[component], f"optim.{key}" if getattr(optim, key) is not None else "optim.lr"
+    return optimizer.param_groups[0], "optim.lr"
+
+
+def scaled_lr_settings(optim, factor: float) -> dict[str, float]:
+    """optim.lr and every component lr the config sets (frozen ones, 0, aside), times `factor`:
+    the lrs the test ran at, with their ratios, at the suggested point."""
+    out = {"optim.lr": optim.lr * factor}
+    for key in COMPONENT_LR_KEYS.values():
+        value = getattr(optim, key)
+        if value:
+            out[f"optim.{key}"] = value * factor
+    return out
 
 
 def smoothing_beta(lr_min: float, lr_max: float, steps: int) -> float:
@@ -193,13 +220,15 @@ def _range_test(args: TrainArgs, find: LRFindArgs, build_model_fn: Callable, wor
     precision = autocast_context(args.distributed, device, fsdp=dims.dp > 1)
     optimizer, _ = build_optimizer(model, args.optim, find.steps)  # its schedule is replaced by ours
     lrs = exponential_lrs(find.lr_min, find.lr_max, find.steps)
-    scheduler = exponential_scheduler(optimizer, args.optim.lr, lrs)
+    swept, lr_key = swept_group(optimizer, args.optim)
+    axis_lr = swept["initial_lr"]  # its configured lr (build_optimizer's schedule set "lr" to its warmup)
+    scheduler = exponential_scheduler(optimizer, axis_lr, lrs)
     beta = smoothing_beta(find.lr_min, find.lr_max, find.steps)
     logger.info("lr range test: %d steps, lr %.1e -> %.1e, %d process(es) on %s", find.steps, find.lr_min,
                 find.lr_max, world.world_size, device)
 
-    # The lr actually in the optimizer at each step, as optim.lr (the factor its groups share):
-    # what the test ran at, not what the formula meant it to.
+    # The lr actually in the swept group at each step: what the test ran at, not what the formula
+    # meant it to.
     ran_at: list[float] = []
     losses: list[float] = []
     stop = {"reason": "completed", "step": find.steps}
@@ -209,8 +238,7 @@ def _range_test(args: TrainArgs, find: LRFindArgs, build_model_fn: Callable, wor
         best = math.inf
         for i in range(find.steps):
             micro_batches = [batch_to_device(next(loader), device) for _ in range(args.grad_acc_steps)]
-            group = optimizer.param_groups[0]
-            lr = group["lr"] / group["initial_lr"] * args.optim.lr
+            lr = swept["lr"]
             result = train_step(model, optimizer, scheduler, micro_batches, args.optim.clip, mesh, precision)
             # The global mean over all ranks' tokens: every rank reads the same value, so every
             # rank takes the same stop decision and none is left waiting in a collective.
@@ -240,10 +268,13 @@ def _range_test(args: TrainArgs, find: LRFindArgs, build_model_fn: Callable, wor
         "suggested_lr": suggestion["suggested_lr"],
         "suggestion": suggestion,
         "stop": stop,
-        "lr": ran_at,  # the lr of optim.lr's groups at each step (its loss is measured before that update)
+        "lr_key": lr_key,  # the key whose lr is the axis (swept_group)
+        "lr": ran_at,  # the lr of lr_key's group at each step (its loss is measured before that update)
         "loss": losses,
         "smoothed_loss": smoothed_all,
-        "config_lr": args.optim.lr,
+        "config_lr": axis_lr,
+        # every lr the config sets, scaled together to the suggestion (their ratios as tested)
+        "suggested": scaled_lr_settings(args.optim, suggestion["suggested_lr"] / axis_lr),
         "range": {"lr_min": find.lr_min, "lr_max": find.lr_max, "steps": find.steps},
         "smoothing": {"method": "exponential moving average, bias-corrected", "beta": beta},
         "diverge_factor": DIVERGE_FACTOR,
@@ -252,8 +283,8 @@ def _range_test(args: TrainArgs, find: LRFindArgs, build_model_fn: Callable, wor
     }
     if world.rank == 0:
         write_report(out_dir, result)
-        print(f"lr_find: suggested optim.lr={result['suggested_lr']:.3g} ({suggestion['method']}) after {n} steps "
-              f"({stop['reason']}); config's lr {args.optim.lr:g}\n"
+        print(f"lr_find: suggested {lr_key}={result['suggested_lr']:.3g} ({suggestion['method']}) after {n} steps "
+              f"({stop['reason']}); config's {lr_key} {axis_lr:g}\n"
               f"  results: {out_dir / 'lr_find.json'}\n"
               f"  plot:    {out_dir / 'lr_find.png'}", flush=True)
     return result
@@ -281,7 +312,7 @@ def write_report(out_dir: StoragePath, result: dict) -> None:
     # The divergence would squash the useful part of the curve: show up to the start's level.
     top = max(smoothed[: s["min_index"] + 1]) * 1.15
     ax.set_ylim(min(raw) - 0.05 * abs(min(raw)), max(top, min(raw) + 1e-6))
-    ax.set_xlabel("learning rate (optim.lr)")
+    ax.set_xlabel(f"learning rate ({result.get('lr_key', 'optim.lr')})")
     ax.set_ylabel("training loss")
     ax.set_title(f"lr range test: {len(lrs)} steps, {result['stop']['reason']}", fontsize=9)
     ax.legend(fontsize=8)
@@ -305,8 +336,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if world_info().rank == 0:
-        same = " ".join(shlex.quote(a) for a in train_argv if not a.startswith("optim.lr="))
-        print(f"next: python -m apps.main.train {same} optim.lr={result['suggested_lr']:.3g}", flush=True)
+        keys = result["suggested"]
+        same = " ".join(shlex.quote(a) for a in train_argv if a.split("=", 1)[0] not in keys)
+        settings = " ".join(f"{k}={v:.3g}" for k, v in keys.items())
+        print(f"next: python -m apps.main.train {same} {settings}", flush=True)
     shutdown_distributed()
 
 

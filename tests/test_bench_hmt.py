@@ -18,7 +18,7 @@ def test_bench_prints_ppl_and_recall_for_every_variant(capsys):
     assert json.loads(printed[printed.index("{"):]) == json.loads(json.dumps(out))  # stdout is the JSON alone
     assert printed.lstrip().startswith("{")
     for part in ("ppl", "recall", "seconds_per_segment"):
-        assert set(out[part]) == {"baseline", "rmt", "hmt"}
+        assert set(out[part]) == {"baseline", "rmt", "hmt", "hmt_paper_summary"}
     assert all(math.isfinite(v) and v > 1 for v in out["ppl"].values())
     assert all(0 <= v <= 1 for v in out["recall"].values()) and out["chance"] == 1 / 16
     assert [c["step"] for c in out["recall_curves"]["hmt"]] == [1, 2]

@@ -42,7 +42,9 @@ from lingua.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("baseline", "rmt", "hmt")
+# hmt_paper_summary: HMT with the paper's summary of the segment's own first tokens, which
+# every position of the segment sees (a leak of later tokens: its PPL is optimistic).
+VARIANTS = ("baseline", "rmt", "hmt", "hmt_paper_summary")
 
 
 def stdlib_documents(min_bytes: int, n_train: int, n_test: int) -> tuple[list[str], list[str]]:
@@ -53,11 +55,13 @@ def stdlib_documents(min_bytes: int, n_train: int, n_test: int) -> tuple[list[st
     return texts[n_test : n_test + n_train], texts[:n_test]
 
 
-def hmt_args(mode: str, content: int, ns) -> HMTArgs:
+def hmt_args(variant: str, content: int, ns) -> HMTArgs:
+    mode, summary = ("hmt", "current") if variant == "hmt_paper_summary" else (variant, "previous")
     sensory = ns.num_sensory if mode == "hmt" else 0
     length = content if mode == "baseline" else content + 2 + sensory  # the same text per segment
     return HMTArgs(mode=mode, segment_length=length, num_sensory=sensory, mem_recall_context=ns.mem_recall_context,
-                   mem_recall_hidden_dim=ns.mem_recall_hidden_dim, sum_fraction=0.5, bptt_depth=ns.bptt_depth)
+                   mem_recall_hidden_dim=ns.mem_recall_hidden_dim, sum_fraction=0.5, bptt_depth=ns.bptt_depth,
+                   summary=summary)
 
 
 def fit(model, batches, steps: int, lr: float, warmup: int, every: int = 0, on_eval=None) -> tuple[list[float], float]:

@@ -51,6 +51,9 @@ class HMTCliArgs:
     mem_recall_hidden_dim: int = 4096
     sum_fraction: float = 0.5
     mem_prune: str = choice("fifo", ("fifo", "attention"))
+    # what recall's query summarises: "previous" segment (causal) or "current" (the paper's, which
+    # lets each position see later tokens of its segment: optimistic loss and PPL)
+    summary: str = choice("previous", ("previous", "current"))
     dynamic: bool = False  # segments of varying length in training (reading speed varies)
     rmt_only: bool = False
     baseline_only: bool = False

@@ -4,8 +4,12 @@ A window is read `content_length` tokens at a time (`segment_length` counts the 
 input: the segment, two memory tokens and `num_sensory` tokens of the previous segment). For
 segment n with token embeddings E_n:
 
-1. representation: the backbone reads [T | E_n[:j] | T] (T a learned embedding, j =
-   sum_fraction * the segment's length) and S_n is the final hidden state at its last position;
+1. representation: the backbone reads [T | E_{n-1}[-j:] | T] (T a learned embedding, j =
+   sum_fraction * the segment's length) and S_n is the final hidden state at its last position.
+   The paper reads E_n[:j], the segment's own first tokens (`summary="current"`): then P_n, which
+   every position of the segment sees, depends on later tokens of the segment, and the loss is
+   optimistic (a leak). The default, "previous", summarises what precedes the segment, so no
+   position sees a later token; the window's first segment then reads the initial memory;
 2. recall: P_n = softmax((S_n W_q)(M W_k)^T / sqrt(h)) M over the cache M of past memory
    embeddings (the last `mem_recall_context`; a learned initial memory before the first);
 3. the backbone reads [P_n | last num_sensory embeddings of segment n-1 | E_n | P_n]; the
@@ -55,6 +59,11 @@ class HMTArgs:
     sum_fraction: float = 0.5  # share of a segment the representation reads
     bptt_depth: int = 2  # segments of state the gradient flows through; 0: all
     mem_prune: str = choice("fifo", ("fifo", "attention"))  # which memory a full cache drops
+    # What the representation S_n summarises: "previous" (the last sum_fraction of segment n-1:
+    # causal) or "current" (the paper's first sum_fraction of segment n itself: every position
+    # before the window's end then sees a summary of later tokens of its segment, so training
+    # loss and PPL are optimistic; kept for comparison with the paper's figures).
+    summary: str = choice("previous", ("previous", "current"))
     # LoRA on the backbone (peft; the `lora` component), its base weights frozen: r 8, alpha 32,
     # dropout 0.1 on q/k/v/o/gate/up/down and the embedding, as the paper.
     dynamic: bool = False  # training reads segments of varying length (L/2 .. L text tokens): reading speed varies
@@ -363,11 +372,15 @@ class HMT(nn.Module):
         parts = [P] + ([sensory] if sensory is not None and sensory.shape[1] else []) + [embeds, P]
         return torch.cat(parts, dim=1), 1 + (sensory.shape[1] if sensory is not None else 0)
 
-    def summary(self, embeds: torch.Tensor) -> torch.Tensor:
-        """S_n: the final hidden state after [T | first sum_fraction of E | T]."""
-        j = max(1, round(self.args.sum_fraction * embeds.shape[1]))
+    def summary(self, embeds: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """S_n: the final hidden state after [T | its sum_fraction of the text | T]: the first of
+        this segment's embeddings E (summary "current", the paper's) or the last of the previous
+        segment's (summary "previous": causal)."""
+        text = embeds if self.args.summary == "current" else previous
+        j = max(1, round(self.args.sum_fraction * text.shape[1]))
+        text = text[:, :j] if self.args.summary == "current" else text[:, -j:]
         T = self.memory_token.to(embeds.dtype).expand(embeds.shape[0], 1, -1)
-        return self.backbone.hidden(torch.cat([T, embeds[:, :j], T], dim=1))[:, -1]
+        return self.backbone.hidden(torch.cat([T, text, T], dim=1))[:, -1]
 
     def new_state(self) -> HMTState:
         return HMTState(MemoryCache(self.args.mem_recall_context, self.args.mem_prune))
@@ -380,9 +393,11 @@ class HMT(nn.Module):
         memory, weights, cache = None, None, state.cache
         if args.uses_memory:
             memory = self.initial_memory.expand(B, -1) if state.last_memory is None else state.last_memory
-            if args.mode == "hmt":
+            # Recall, except where a causal summary has nothing to read (the window's first
+            # segment): over the initial memory alone it would give that memory anyway.
+            if args.mode == "hmt" and (args.summary == "current" or state.previous is not None):
                 memories = cache.memories if len(cache) else self.initial_memory.expand(B, 1, -1)
-                memory, weights = self.recall(self.summary(embeds), memories)
+                memory, weights = self.recall(self.summary(embeds, state.previous), memories)
                 if len(cache):
                     cache = cache.attended(weights)
                 else:

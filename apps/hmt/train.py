@@ -150,7 +150,7 @@ def to_train_args(cli: HMTCliArgs) -> HMTTrainArgs:
             else TokenizerArgs(name="hf", path=ckpt)
     hmt = HMTArgs(mode=cli.mode, segment_length=cli.segment_length, num_sensory=cli.num_sensory,
                   mem_recall_context=cli.mem_recall_context, mem_recall_hidden_dim=cli.mem_recall_hidden_dim,
-                  sum_fraction=cli.sum_fraction, bptt_depth=cli.bptt_depth, mem_prune=cli.mem_prune,
+                  sum_fraction=cli.sum_fraction, bptt_depth=cli.bptt_depth, mem_prune=cli.mem_prune, summary=cli.summary,
                   use_lora=cli.use_lora, dynamic=cli.dynamic)
     try:
         hmt.check()
@@ -230,7 +230,7 @@ def hmt_loader(split: str = "train"):
 # What a trained HMT is made of: its parameters' shapes (mode, recall width, LoRA) and how it
 # reads a document (segment size, sensory tokens, summary share, recall cache and its pruning).
 STRUCTURE = ("mode", "mem_recall_hidden_dim", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "segment_length",
-             "num_sensory", "sum_fraction", "mem_recall_context", "mem_prune")
+             "num_sensory", "sum_fraction", "mem_recall_context", "mem_prune", "summary")
 MODE_FLAGS = ("rmt_only", "baseline_only", "hmt_stage_1", "hmt_stage_2")
 
 

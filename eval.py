@@ -12,14 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from apps.main import eval as main_eval  # noqa: E402
-from apps.main.seed import map_eval_argv, print_once  # noqa: E402
-from lingua.args import ConfigError  # noqa: E402
+from apps.main.seed import map_eval_argv, run_entry  # noqa: E402
 
 if __name__ == "__main__":
-    try:
-        argv, lines = map_eval_argv(sys.argv[1:])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print_once(lines, "eval.py")
-    main_eval.main(argv)
+    run_entry("eval.py", map_eval_argv, main_eval.main, sys.argv[1:])

@@ -10,14 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from apps.main import train as main_train  # noqa: E402
-from apps.main.seed import map_train_argv, print_once  # noqa: E402
-from lingua.args import ConfigError  # noqa: E402
+from apps.main.seed import map_train_argv, run_entry  # noqa: E402
 
 if __name__ == "__main__":
-    try:
-        argv, lines = map_train_argv(sys.argv[1:])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print_once(lines, "train.py")
-    main_train.main(argv)
+    run_entry("train.py", map_train_argv, main_train.main, sys.argv[1:])

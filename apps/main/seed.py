@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -174,3 +175,15 @@ def print_once(lines: list[str], what: str) -> None:
     """The mapping, on rank 0 only (torchrun starts one process per rank)."""
     if lines and os.environ.get("RANK", "0") == "0":
         print(f"{what}: the seed's arguments as ours:\n  " + "\n  ".join(lines), flush=True)
+
+
+def run_entry(what: str, map_argv, main, argv: list[str]) -> None:
+    """An entry point at a seed path: map its arguments (a bad one: one line, exit 2), print the
+    mapping once, run our `main` on the result."""
+    try:
+        ours, lines = map_argv(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print_once(lines, what)
+    main(ours)
